@@ -1,0 +1,50 @@
+"""HarmoFL-Lightning's command line: ``python cli.py fit|validate|test --config configs/demo.yaml``.
+
+Every setting is a typed constructor argument of the trainer (:class:`harmofl.FederatedTrainer`), the client
+model (:class:`harmofl.FederatedClient` subclasses) or the data (:class:`harmofl.data.FederatedDataModule`
+subclasses); ``python cli.py fit --help`` lists them and ``--print_config`` shows a full configuration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from harmofl.clients import FederatedClient
+from harmofl.data import FederatedDataModule
+from harmofl.trainer import FederatedTrainer
+
+
+class HarmoFLCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # One seed for the whole run: model initialization and the per-round, per-client data order.
+        parser.link_arguments("seed_everything", "trainer.seed")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        if config.trainer.default_root_dir is None:
+            config_files = config.get("config") or []
+            name = Path(str(config_files[-1])).stem if config_files else "harmofl"
+            config.trainer.default_root_dir = str(Path("runs") / name)
+        if self.subcommand != "fit":
+            # Evaluating a checkpoint must not overwrite the config.yaml that records how it was trained.
+            self.save_config_callback = None
+
+
+def main() -> None:
+    HarmoFLCLI(
+        model_class=FederatedClient,
+        subclass_mode_model=True,
+        datamodule_class=FederatedDataModule,
+        subclass_mode_data=True,
+        trainer_class=FederatedTrainer,
+        seed_everything_default=0,
+        # The client builds its own WeightPerturbation around the optimizer it is configured with.
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Fourier amplitude harmonization (HarmoFL's answer to local drift), in plain torch.
+
+An image ``x`` is ``F(x) = A(x)·exp(i·P(x))``. Harmonization replaces the amplitude ``A``
+inside a centred low-frequency window by a target amplitude and keeps the image's own phase
+``P``, so that images of every site share the low-frequency "style" (stain, brightness,
+contrast) while keeping their content. Everything here is batched over images and channels
+and runs on the batch's own device.
+
+The window is given by ``band`` in ``[0, 0.5]``: frequencies ``|k_h| <= floor(H·band)`` and
+``|k_w| <= floor(W·band)`` are replaced. ``band=0`` replaces the DC coefficient only (what the
+reference code runs: a per-channel mean shift); ``band=0.5`` replaces the whole spectrum (the
+paper's description). For square images this is the reference's ``floor(min(H, W)·L)``
+half-width after ``fftshift``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+MAX_BAND = 0.5
+
+
+def _check_images(images: Tensor) -> None:
+    if images.ndim != 4:
+        raise ValueError(f"Expected images of shape [B, C, H, W], got shape {tuple(images.shape)}.")
+
+
+def check_band(band: float) -> float:
+    if not 0.0 <= band <= MAX_BAND:
+        raise ValueError(
+            f"band must be in [0, {MAX_BAND}] (0 = DC coefficient only, {MAX_BAND} = full spectrum), got {band}."
+        )
+    return float(band)
+
+
+def amplitude_spectrum(images: Tensor) -> Tensor:
+    """``|FFT2|`` of every image and channel, in float32 (or float64 for float64 input), unshifted."""
+    _check_images(images)
+    return torch.fft.fft2(_fft_dtype(images)).abs()
+
+
+def low_frequency_mask(height: int, width: int, band: float, device: Optional[torch.device] = None) -> Tensor:
+    """Boolean ``[H, W]`` mask of the centred low-frequency window, in unshifted FFT layout."""
+    check_band(band)
+    rows = _integer_frequencies(height, device).abs() <= int(height * band)
+    cols = _integer_frequencies(width, device).abs() <= int(width * band)
+    return rows[:, None] & cols[None, :]
+
+
+def harmonize(images: Tensor, target_amplitude: Tensor, band: float) -> Tensor:
+    """Replace the amplitude of ``images`` inside the ``band`` window by ``target_amplitude``, keeping phase.
+
+    Args:
+        images: ``[B, C, H, W]`` real images.
+        target_amplitude: ``[C, H, W]`` amplitude spectrum (unshifted, as :func:`amplitude_spectrum` gives).
+        band: window half-width ratio in ``[0, 0.5]``.
+
+    Returns:
+        The harmonized images, same shape and dtype as ``images``.
+    """
+    _check_images(images)
+    if target_amplitude.shape != images.shape[1:]:
+        raise ValueError(
+            f"Target amplitude shape {tuple(target_amplitude.shape)} does not match the images' "
+            f"[C, H, W] = {tuple(images.shape[1:])}: every client must use the same image size and channels."
+        )
+    spectrum = torch.fft.fft2(_fft_dtype(images))
+    mask = low_frequency_mask(images.shape[-2], images.shape[-1], band, images.device)
+    target = target_amplitude.to(device=images.device, dtype=spectrum.real.dtype)
+    swapped = torch.polar(target.expand_as(spectrum.real), spectrum.angle())
+    harmonized = torch.fft.ifft2(torch.where(mask, swapped, spectrum)).real
+    return harmonized.to(images.dtype)
+
+
+def update_running_amplitude(running: Optional[Tensor], batch_amplitude: Tensor, momentum: float) -> Tensor:
+    """Exponential moving average of the mean amplitude: ``(1 - m)·running + m·mean_batch``.
+
+    ``momentum`` is the weight of the new batch (PyTorch BatchNorm's convention). The first batch
+    initializes the average, so ``momentum=0`` keeps the first batch's mean amplitude for ever, which is
+    what the reference code does (its momentum is truncated to an integer 0).
+    """
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}.")
+    batch_mean = batch_amplitude.mean(dim=0)
+    if running is None:
+        return batch_mean
+    return torch.lerp(running.to(batch_mean), batch_mean, momentum)
+
+
+def _fft_dtype(images: Tensor) -> Tensor:
+    # Half-precision FFTs are restricted to power-of-two sizes on CUDA and lose the amplitude's dynamic
+    # range; harmonize in float32 (float64 stays float64) and cast back afterwards.
+    return images if images.dtype in (torch.float32, torch.float64) else images.float()
+
+
+def _integer_frequencies(n: int, device: Optional[torch.device]) -> Tensor:
+    return torch.fft.fftfreq(n, d=1.0 / n, device=device).round().long()

@@ -1,0 +1,53 @@
+"""Federated checkpoints: written atomically, loaded without executing pickled code."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_KEY = "harmofl_checkpoint"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` to a temporary file beside ``path`` and rename it: a crash never leaves a truncated file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
+        temporary = Path(handle.name)
+    try:
+        torch.save({FORMAT_KEY: FORMAT_VERSION, **state}, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def copy_checkpoint(source: Path, destination: Path) -> None:
+    """Atomically copy a checkpoint file (``last.ckpt`` to ``best.ckpt``)."""
+    with tempfile.NamedTemporaryFile(dir=destination.parent, prefix=f".{destination.name}.", delete=False) as handle:
+        temporary = Path(handle.name)
+    try:
+        shutil.copyfile(source, temporary)
+        os.replace(temporary, destination)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a federated checkpoint on the CPU with ``weights_only=True``; errors say what is wrong."""
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist: pass the path of a .ckpt written by `fit`.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated file, or one holding arbitrary pickled objects
+        raise ValueError(f"Checkpoint {str(path)!r} cannot be loaded safely: {error}") from error
+    if not isinstance(state, dict) or state.get(FORMAT_KEY) != FORMAT_VERSION:
+        raise ValueError(
+            f"{str(path)!r} is not a HarmoFL federated checkpoint (format {FORMAT_VERSION}): "
+            "use checkpoints/last.ckpt or checkpoints/best.ckpt from a `fit` run."
+        )
+    return state

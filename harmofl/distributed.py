@@ -1,0 +1,30 @@
+"""Collectives the orchestrator needs beyond Fabric's tensor ones, written for any world size."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from lightning.fabric import Fabric
+from torch import Tensor
+
+
+def all_gather_objects(fabric: Fabric, obj: Any) -> list[Any]:
+    """Every process's ``obj``, in rank order (pickled; for metrics and small per-client state)."""
+    if fabric.world_size == 1:
+        return [obj]
+    gathered: list[Any] = [None] * fabric.world_size
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+def all_reduce_sum_(fabric: Fabric, tensors: Mapping[str, Tensor]) -> None:
+    """Sum same-shaped float64 tensors across processes, in place, with a single collective."""
+    if fabric.world_size == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors.values()])
+    flat = fabric.all_reduce(flat, reduce_op="sum")
+    offset = 0
+    for tensor in tensors.values():
+        tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()

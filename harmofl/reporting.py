@@ -1,0 +1,131 @@
+"""What a federated run writes and prints: metrics.csv, summary.json, convergence.png and result tables.
+
+Results travel as ``{client: {split: {metric: value}}}``; a history is a list of rows
+``{"round", "client", "split", <metric>: value, ...}`` with ``client == "mean"`` for the mean over clients.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+Results = Mapping[str, Mapping[str, Mapping[str, float]]]
+MEAN = "mean"
+
+
+def mean_over_clients(results: Results) -> dict[str, dict[str, float]]:
+    """``{split: {metric: mean over clients}}``; a metric a client lacks is averaged over the others."""
+    collected: dict[str, dict[str, list[float]]] = {}
+    for splits in results.values():
+        for split, metrics in splits.items():
+            for name, value in metrics.items():
+                collected.setdefault(split, {}).setdefault(name, []).append(float(value))
+    return {split: {name: sum(v) / len(v) for name, v in metrics.items()} for split, metrics in collected.items()}
+
+
+def history_rows(round_number: int, results: Results) -> list[dict[str, Any]]:
+    """One row per client and split, then the mean rows, for one round."""
+    rows = [
+        {"round": round_number, "client": client, "split": split, **metrics}
+        for client, splits in results.items()
+        for split, metrics in splits.items()
+    ]
+    rows += [
+        {"round": round_number, "client": MEAN, "split": split, **metrics}
+        for split, metrics in mean_over_clients(results).items()
+    ]
+    return rows
+
+
+def write_metrics_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """The long-format history: one row per round, client and split; one column per metric."""
+    metric_names = sorted({key for row in rows for key in row} - {"round", "client", "split"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["round", "client", "split", *metric_names], restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_metrics_csv(path: Path) -> list[dict[str, Any]]:
+    """Rows of a ``metrics.csv`` with numbers parsed (empty cells dropped)."""
+    with path.open(newline="") as handle:
+        return [
+            {key: (value if key in ("client", "split") else (int(value) if key == "round" else float(value)))
+             for key, value in row.items() if value != ""}
+            for row in csv.DictReader(handle)
+        ]
+
+
+def summary(rounds: int, best_round: Optional[int], results: Results) -> dict[str, Any]:
+    """The ``summary.json`` structure for ``results`` (the per-client metrics of the kept model)."""
+    return {
+        "rounds": rounds,
+        "best_round": best_round,
+        "clients": {client: {split: dict(m) for split, m in splits.items()} for client, splits in results.items()},
+        "mean": mean_over_clients(results),
+    }
+
+
+def results_at_round(rows: Iterable[Mapping[str, Any]], round_number: int, splits: Sequence[str]) -> dict:
+    """Rebuild ``{client: {split: metrics}}`` of one round from history rows (mean rows excluded)."""
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for row in rows:
+        if row["round"] == round_number and row["client"] != MEAN and row["split"] in splits:
+            metrics = {k: v for k, v in row.items() if k not in ("round", "client", "split")}
+            results.setdefault(row["client"], {})[row["split"]] = metrics
+    return results
+
+
+def write_json(data: Mapping[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def plot_convergence(rows: Sequence[Mapping[str, Any]], metric: str, path: Path, split: str = "val") -> None:
+    """Per-client (thin) and mean (thick) ``metric`` on ``split`` over rounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        if row["split"] == split and metric in row and not math.isnan(float(row[metric])):
+            series.setdefault(str(row["client"]), []).append((int(row["round"]), float(row[metric])))
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for client, points in sorted(series.items(), key=lambda item: item[0] == MEAN):
+        rounds, values = zip(*sorted(points))
+        is_mean = client == MEAN
+        axis.plot(rounds, values, marker="o" if is_mean else None, linewidth=2.5 if is_mean else 1.0,
+                  color="black" if is_mean else None, alpha=1.0 if is_mean else 0.8, label=client)
+    axis.set_xlabel("round")
+    axis.set_ylabel(f"{split} {metric}")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small", ncol=2)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def print_results_table(title: str, results: Results, console: Optional[Console] = None) -> None:
+    """A per-client table with the mean as its last row."""
+    splits = sorted({split for s in results.values() for split in s}, key=["train", "val", "test"].index)
+    columns = [(split, name) for split in splits
+               for name in sorted({n for s in results.values() for n in s.get(split, {})})]
+    table = Table(title=title)
+    table.add_column("client")
+    for split, name in columns:
+        table.add_column(f"{split} {name}", justify="right")
+    mean = mean_over_clients(results)
+    for client, row in [*results.items(), (MEAN, mean)]:
+        cells = [f"{row[s][n]:.4f}" if n in row.get(s, {}) else "" for s, n in columns]
+        table.add_row(f"[bold]{client}[/bold]" if client == MEAN else client, *cells)
+    (console or Console()).print(table)

@@ -1,0 +1,519 @@
+"""The federated orchestrator: a readable Fabric loop over rounds, clients and batches.
+
+Each round, every client starts from the global weights (except the keys it keeps local), trains its
+local epochs or steps with its own optimizer state, and the server aggregates the clients' weights.
+Then every client evaluates the global model on its validation and test splits; the global model with
+the best mean validation metric is kept.
+
+With ``devices=N`` there are N processes (one per device), clients spread over them round-robin. Each
+process holds one model on its device and its clients' state on the host; aggregation is one all-reduce.
+
+Hooks fired on callbacks (keyword arguments, so each callback takes what it needs):
+``setup``, ``on_fit_start``, ``on_round_start(round_idx)``, ``on_train_client_start(client, num_batches)``,
+``on_train_batch_start/end``, ``on_train_client_end(client, loss)``, ``on_aggregate(round_idx)`` (after the
+server aggregated, before evaluation), ``on_validation_batch_start``, ``on_test_batch_start``,
+``on_round_end(round_idx, results)``, ``on_fit_end``, ``teardown``. ``round_idx`` is 0-based; files and
+tables count rounds from 1.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Mapping, Optional, Union
+
+import torch
+from lightning.fabric import Fabric
+from lightning.fabric.loggers import Logger
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from harmofl import aggregation, reporting
+from harmofl.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
+from harmofl.clients.base import FederatedClient
+from harmofl.data.base import FederatedDataModule, Split
+from harmofl.distributed import all_gather_objects, all_reduce_sum_
+from harmofl.strategy import ClientParallelStrategy
+
+SUPPORTED_PRECISION = ("32-true", "bf16-mixed")
+EVAL_HOOKS = {"val": ("on_validation_batch_start", "validation_step"), "test": ("on_test_batch_start", "test_step")}
+
+
+@dataclass
+class ClientRecord:
+    """What a client keeps between rounds, on the host: its local keys, its optimizer state."""
+
+    local_state: dict[str, Tensor] = field(default_factory=dict)
+    optimizer_state: Optional[dict[str, Any]] = None
+
+
+class FederatedTrainer(Trainer):
+    """Federated training and evaluation, driven by Lightning Fabric.
+
+    It subclasses :class:`~lightning.pytorch.Trainer` only so that ``LightningCLI(trainer_class=...)`` accepts
+    it (the CLI requires a Trainer type); none of Trainer's own loops or state is used, and
+    ``Trainer.__init__`` is deliberately not called. Callbacks written for Trainer's fit loop alone
+    (ModelCheckpoint, EarlyStopping) do not apply: checkpoints and model selection are built in.
+
+    Args:
+        rounds: communication rounds.
+        local_epochs: epochs over its training data each client runs per round.
+        local_steps: if set, each client runs exactly this many optimizer steps per round instead
+            (cycling its loader), whatever its data size.
+        client_weighting: aggregation weight of a client: ``uniform`` (the reference code) or ``samples``
+            (its number of training samples, FedAvg as published).
+        local_modules: module types whose weights each client keeps local and never sends (FedBN-style):
+            ``norm`` for every normalization layer, or ``torch.nn`` class names such as ``BatchNorm2d``.
+        accelerator: ``cpu``, ``gpu``/``cuda`` or ``auto``.
+        devices: processes, one per device; clients are spread over them. Must not exceed the clients.
+        precision: ``32-true`` or ``bf16-mixed``. ``16-mixed`` is refused: the hand-written two-pass step
+            bypasses the gradient scaler.
+        callbacks: Lightning callbacks, e.g. :class:`callbacks.AmplitudeHarmonization`.
+        logger: extra loggers (e.g. ``WandbLogger``); ``metrics.csv`` is always written.
+        default_root_dir: where checkpoints and results go (the CLI makes it ``runs/<config name>``).
+        enable_progress_bar: show a rich progress bar (round, client, step).
+        seed: seeds data order and randomness per round and client (linked to ``seed_everything`` in the CLI).
+    """
+
+    def __init__(
+        self,
+        rounds: int = 10,
+        local_epochs: int = 1,
+        local_steps: Optional[int] = None,
+        client_weighting: aggregation.ClientWeighting = "uniform",
+        local_modules: Optional[list[str]] = None,
+        accelerator: str = "auto",
+        devices: int = 1,
+        precision: Literal["32-true", "bf16-mixed"] = "32-true",
+        callbacks: Optional[Union[list[Callback], Callback]] = None,
+        logger: Optional[Union[Logger, list[Logger]]] = None,
+        default_root_dir: Optional[str] = None,
+        enable_progress_bar: bool = True,
+        seed: int = 0,
+    ) -> None:
+        _check_positive("trainer.rounds", rounds)
+        _check_positive("trainer.local_epochs", local_epochs)
+        _check_positive("trainer.devices", devices)
+        if local_steps is not None:
+            _check_positive("trainer.local_steps", local_steps)
+        if precision not in SUPPORTED_PRECISION:
+            raise ValueError(
+                f"trainer.precision={precision!r} is not supported: use one of {SUPPORTED_PRECISION}. The weight-"
+                "perturbation step runs two backward passes by hand, which Lightning's 16-bit gradient scaler "
+                "does not see; bf16-mixed needs no scaler."
+            )
+        aggregation.client_weights([1], client_weighting)  # validates the name before any work
+        self.rounds = rounds
+        self.local_epochs = local_epochs
+        self.local_steps = local_steps
+        self.client_weighting = client_weighting
+        self.local_module_types = aggregation.resolve_module_types(local_modules or [])
+        self.seed = seed
+        self._root_dir = Path(default_root_dir or "runs/harmofl")
+        callback_list = [callbacks] if isinstance(callbacks, Callback) else list(callbacks or [])
+        if enable_progress_bar:
+            from callbacks.progress import RoundProgressBar
+
+            callback_list.append(RoundProgressBar())
+        loggers = [logger] if isinstance(logger, Logger) else list(logger or [])
+        _default_wandb_to_offline(loggers)
+        self.fabric = Fabric(
+            accelerator=accelerator,
+            devices=devices,
+            strategy=ClientParallelStrategy() if devices > 1 else "auto",
+            precision=precision,
+            callbacks=callback_list,
+            loggers=loggers,
+        )
+        # With devices > 1 this starts the other processes, which re-run the same command up to this point.
+        self.fabric.launch()
+        self.current_client: Optional[str] = None
+        self.current_round = 0
+        self.history: list[dict[str, Any]] = []
+        self.best_round: Optional[int] = None
+        self.best_score = float("-inf")
+
+    # -- properties Trainer-style callbacks (e.g. LightningCLI's SaveConfigCallback) read ----------------
+
+    @property
+    def default_root_dir(self) -> str:
+        return str(self._root_dir)
+
+    @property
+    def log_dir(self) -> str:
+        return str(self._root_dir)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self._root_dir / "checkpoints"
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.fabric.is_global_zero
+
+    @property
+    def global_rank(self) -> int:
+        return self.fabric.global_rank
+
+    @property
+    def world_size(self) -> int:
+        return self.fabric.world_size
+
+    @property
+    def strategy(self) -> Any:
+        return self.fabric.strategy
+
+    @property
+    def loggers(self) -> list[Logger]:
+        return self.fabric.loggers
+
+    @property
+    def callbacks(self) -> list[Any]:
+        return self.fabric._callbacks
+
+    @property
+    def lightning_module(self) -> FederatedClient:
+        return self.module
+
+    # -- entry points ------------------------------------------------------------------------------------
+
+    def fit(  # type: ignore[override]
+        self, model: FederatedClient, datamodule: FederatedDataModule, ckpt_path: Optional[str] = None
+    ) -> dict[str, Any]:
+        """Run the federated training; returns the summary of the best round (also in ``summary.json``).
+
+        Args:
+            ckpt_path: a checkpoint of this run (``last.ckpt``, or ``last``) to continue from.
+        """
+        self._setup(model, datamodule, "fit")
+        start_round = 0
+        if ckpt_path is not None:
+            start_round = self._restore(self._resolve_checkpoint(ckpt_path), with_optimizers=True)
+            rank_zero_info(f"Resuming after round {start_round} of {self.rounds}.")
+        self.fabric.call("on_fit_start", trainer=self, pl_module=self.module)
+        for round_idx in range(start_round, self.rounds):
+            self._run_round(round_idx)
+        self.fabric.call("on_fit_end", trainer=self, pl_module=self.module)
+        self.fabric.call("teardown", trainer=self, pl_module=self.module, stage="fit")
+        best = reporting.results_at_round(self.history, self.best_round, ("val", "test")) if self.best_round else {}
+        result = reporting.summary(self.rounds, self.best_round, best)
+        if self.is_global_zero and best:
+            reporting.print_results_table(f"Best round {self.best_round} of {self.rounds}", best)
+        self._finish()
+        return result
+
+    def validate(  # type: ignore[override]
+        self, model: FederatedClient, datamodule: FederatedDataModule, ckpt_path: str = "best"
+    ) -> dict[str, Any]:
+        """Evaluate a checkpoint on every client's validation split; writes ``val_summary.json`` beside it."""
+        return self._evaluate_checkpoint(model, datamodule, ckpt_path, "val")
+
+    def test(  # type: ignore[override]
+        self, model: FederatedClient, datamodule: FederatedDataModule, ckpt_path: str = "best"
+    ) -> dict[str, Any]:
+        """Evaluate a checkpoint on every client's test split; writes ``test_summary.json`` beside it.
+
+        Args:
+            ckpt_path: a checkpoint file, or ``best`` / ``last`` in ``<default_root_dir>/checkpoints``.
+        """
+        return self._evaluate_checkpoint(model, datamodule, ckpt_path, "test")
+
+    # -- the round ---------------------------------------------------------------------------------------
+
+    def _run_round(self, round_idx: int) -> None:
+        self.current_round = round_idx
+        self.fabric.call("on_round_start", trainer=self, pl_module=self.module, round_idx=round_idx)
+        shared_keys = [key for key in self.global_state if key not in self.local_keys]
+        like = {key: self.global_state[key].to(self.fabric.device) for key in shared_keys}
+        update_sum = aggregation.weighted_sum([], [], like)
+        train_results: dict[str, dict[str, dict[str, float]]] = {}
+        for client in self.my_clients:
+            loss = self._train_client(client, round_idx)
+            aggregation.add_weighted_(update_sum, self.module.state_dict(), self.client_weight[client])
+            train_results[client] = {"train": {"loss": loss}}
+            self._store_client(client)
+        self._aggregate(update_sum)
+        self.fabric.call("on_aggregate", trainer=self, pl_module=self.module, round_idx=round_idx)
+        results = self._evaluate_clients(("val", "test"))
+        for part in all_gather_objects(self.fabric, train_results):
+            for client, splits in part.items():
+                results[client] = {**splits, **results[client]}
+        self._end_round(round_idx, self._ordered(results))
+
+    def _train_client(self, client: str, round_idx: int) -> float:
+        """Local training of one client from the global weights; returns its mean unperturbed loss."""
+        self.current_client = client
+        self._load_client(client, with_optimizer=True)
+        client_seed = _derive_seed(self.seed, round_idx, self.client_names.index(client))
+        torch.manual_seed(client_seed)
+        loader = self.datamodule.dataloader(client, "train", generator=torch.Generator().manual_seed(client_seed))
+        num_batches = self.local_steps or self.local_epochs * len(loader)
+        self.module.train()
+        self.fabric.call("on_train_client_start", trainer=self, pl_module=self.module, client=client,
+                         num_batches=num_batches)
+        loss_sum = torch.zeros((), device=self.fabric.device)
+        for batch_idx, batch in enumerate(self._training_batches(loader, num_batches)):
+            batch = self.fabric.to_device(batch)
+            self.fabric.call("on_train_batch_start", trainer=self, pl_module=self.module, batch=batch,
+                             batch_idx=batch_idx)
+            loss = self.fabric_module.training_step(batch, batch_idx)
+            loss_sum += loss
+            self.fabric.call("on_train_batch_end", trainer=self, pl_module=self.module, outputs=loss, batch=batch,
+                             batch_idx=batch_idx)
+        mean_loss = (loss_sum / max(num_batches, 1)).item()
+        self.fabric.call("on_train_client_end", trainer=self, pl_module=self.module, client=client, loss=mean_loss)
+        return mean_loss
+
+    def _training_batches(self, loader: Any, num_batches: int) -> Iterator[Any]:
+        """``num_batches`` batches: whole epochs, or a fixed number of steps cycling the loader."""
+        if num_batches > 0 and len(loader) == 0:
+            raise ValueError(f"Client {self.current_client!r} has no training batches: check its training data.")
+        produced = 0
+        while produced < num_batches:
+            for batch in loader:
+                yield batch
+                produced += 1
+                if produced == num_batches:
+                    return
+
+    def _aggregate(self, update_sum: dict[str, Tensor]) -> None:
+        """One all-reduce of the processes' weighted sums, then the weighted mean becomes the global model."""
+        all_reduce_sum_(self.fabric, update_sum)
+        shared = {key: self.global_state[key] for key in update_sum}
+        self.global_state.update(aggregation.mean_from_sum(update_sum, self.total_weight, shared))
+
+    def aggregate_client_values(self, values: Mapping[str, Mapping[str, Tensor]]) -> Optional[dict[str, Tensor]]:
+        """Weighted mean, over every client of every process, of small per-client tensors (amplitude targets).
+
+        ``values`` holds this process's clients; clients without a value are left out and the weights
+        renormalized. Returns None when no client has a value.
+        """
+        gathered: dict[str, Mapping[str, Tensor]] = {}
+        for part in all_gather_objects(self.fabric, {c: {k: v.cpu() for k, v in d.items()} for c, d in values.items()}):
+            gathered.update(part)
+        clients = [c for c in self.client_names if c in gathered]
+        if not clients:
+            return None
+        return aggregation.weighted_average([gathered[c] for c in clients], [self.client_weight[c] for c in clients])
+
+    def _evaluate_clients(self, splits: tuple[Split, ...]) -> dict[str, dict[str, dict[str, float]]]:
+        """Every client's metrics on ``splits`` with the global model (plus its local keys), from all processes."""
+        local = {client: {split: self._evaluate_client(client, split) for split in splits} for client in self.my_clients}
+        results: dict[str, dict[str, dict[str, float]]] = {}
+        for part in all_gather_objects(self.fabric, local):
+            results.update(part)
+        return results
+
+    @torch.no_grad()
+    def _evaluate_client(self, client: str, split: Split) -> dict[str, float]:
+        self.current_client = client
+        self._load_client(client, with_optimizer=False)
+        hook, step = EVAL_HOOKS[split]
+        metrics = self.module.metrics[split]
+        metrics.reset()
+        self.module.eval()
+        for batch_idx, batch in enumerate(self.datamodule.dataloader(client, split)):
+            batch = self.fabric.to_device(batch)
+            self.fabric.call(hook, trainer=self, pl_module=self.module, batch=batch, batch_idx=batch_idx)
+            getattr(self.fabric_module, step)(batch, batch_idx)
+        values = {name: float(value) for name, value in metrics.compute().items()}
+        metrics.reset()
+        return values
+
+    def _end_round(self, round_idx: int, results: dict[str, dict[str, dict[str, float]]]) -> None:
+        round_number = round_idx + 1
+        rows = reporting.history_rows(round_number, results)
+        self.history.extend(rows)
+        score = reporting.mean_over_clients(results)["val"][self.module.primary_metric]
+        improved = score > self.best_score
+        if improved:
+            self.best_round, self.best_score = round_number, score
+        checkpoint = self._checkpoint_state(round_number)  # collective: every process takes part
+        if self.is_global_zero:
+            save_checkpoint(checkpoint, self.checkpoint_dir / "last.ckpt")
+            if improved:
+                copy_checkpoint(self.checkpoint_dir / "last.ckpt", self.checkpoint_dir / "best.ckpt")
+            self._write_outputs()
+            self.fabric.log_dict(
+                {f"{row['client']}/{row['split']}/{name}": value for row in rows for name, value in row.items()
+                 if name not in ("round", "client", "split")},
+                step=round_number,
+            )
+        self.fabric.call("on_round_end", trainer=self, pl_module=self.module, round_idx=round_idx, results=results)
+
+    def _write_outputs(self) -> None:
+        reporting.write_metrics_csv(self.history, self._root_dir / "metrics.csv")
+        best = reporting.results_at_round(self.history, self.best_round, ("val", "test"))
+        reporting.write_json(reporting.summary(self.rounds, self.best_round, best), self._root_dir / "summary.json")
+        reporting.plot_convergence(self.history, self.module.primary_metric, self._root_dir / "convergence.png")
+
+    # -- client state --------------------------------------------------------------------------------------
+
+    def _load_client(self, client: str, with_optimizer: bool) -> None:
+        """Put the global weights, this client's local keys and (for training) its optimizer state in place."""
+        record = self.client_records.get(client, ClientRecord())
+        self.module.load_state_dict(aggregation.merge_states(self.global_state, record.local_state))
+        if with_optimizer:
+            # A copy: on the CPU the optimizer would otherwise adopt (and mutate) the stored tensors.
+            self.optimizer.load_state_dict(copy.deepcopy(record.optimizer_state or self.initial_optimizer_state))
+
+    def _store_client(self, client: str) -> None:
+        state = self.module.state_dict()
+        self.client_records[client] = ClientRecord(
+            local_state={key: _to_host(state[key]) for key in self.local_keys},
+            optimizer_state=_to_host(self.optimizer.state_dict()),
+        )
+
+    # -- setup, checkpoints ----------------------------------------------------------------------------------
+
+    def _setup(self, model: FederatedClient, datamodule: FederatedDataModule, stage: str) -> None:
+        if not isinstance(model, FederatedClient):
+            raise TypeError(f"The model must be a harmofl FederatedClient, got {type(model).__name__}.")
+        if not isinstance(datamodule, FederatedDataModule):
+            raise TypeError(f"The data must be a harmofl FederatedDataModule, got {type(datamodule).__name__}.")
+        if self.fabric.local_rank == 0:
+            datamodule.prepare_data()
+        self.fabric.barrier()
+        datamodule.setup(stage)
+        self.datamodule = datamodule
+        self.client_names = list(datamodule.client_names)
+        if len(set(self.client_names)) != len(self.client_names) or not self.client_names:
+            raise ValueError(f"The data module must name at least one client, each once; got {self.client_names}.")
+        if self.world_size > len(self.client_names):
+            raise ValueError(
+                f"trainer.devices={self.world_size} exceeds the {len(self.client_names)} clients: "
+                f"use at most {len(self.client_names)} devices."
+            )
+        self.my_clients = self.client_names[self.global_rank :: self.world_size]
+        counts = [datamodule.num_samples(client, "train") for client in self.client_names]
+        self.client_weight = dict(zip(self.client_names, aggregation.client_weights(counts, self.client_weighting)))
+        self.total_weight = sum(self.client_weight.values())
+        self.fabric.call("setup", trainer=self, pl_module=model, stage=stage)
+        model.setup(stage)
+        self.module = model
+        self.local_keys = aggregation.local_state_keys(model, self.local_module_types)
+        self.fabric_module, self.optimizer = self.fabric.setup(model, model.configure_optimizers())
+        self.initial_optimizer_state = _to_host(self.optimizer.state_dict())
+        # Processes initialize their models from their own RNG: rank 0's weights are everyone's start.
+        self.global_state = self.fabric.broadcast({k: _to_host(v) for k, v in model.state_dict().items()})
+        self.client_records: dict[str, ClientRecord] = {}
+
+    def _checkpoint_state(self, round_number: int) -> dict[str, Any]:
+        """The whole federated state; client records and callback client states gathered from every process."""
+        clients = {
+            client: {
+                "local_state": self.client_records[client].local_state,
+                "optimizer_state": self.client_records[client].optimizer_state,
+                "callbacks": {cb.state_key: cb.client_state_dict(client) for cb in self._client_state_callbacks()},
+            }
+            for client in self.my_clients
+        }
+        gathered: dict[str, Any] = {}
+        for part in all_gather_objects(self.fabric, clients):
+            gathered.update(part)
+        return {
+            "round": round_number,
+            "rounds": self.rounds,
+            "best_round": self.best_round,
+            "best_score": self.best_score,
+            "client_names": self.client_names,
+            "global_state": self.global_state,
+            "clients": {client: gathered[client] for client in self.client_names},
+            "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks if isinstance(cb, Callback)},
+            "history": self.history,
+        }
+
+    def _client_state_callbacks(self) -> list[Any]:
+        return [cb for cb in self.callbacks if hasattr(cb, "client_state_dict")]
+
+    def _restore(self, path: Path, with_optimizers: bool) -> int:
+        """Load a federated checkpoint into this trainer; returns the number of completed rounds."""
+        checkpoint = load_checkpoint(path)
+        missing = sorted(set(self.global_state) - set(checkpoint["global_state"]))
+        unexpected = sorted(set(checkpoint["global_state"]) - set(self.global_state))
+        if missing or unexpected:
+            raise ValueError(
+                f"Checkpoint {str(path)!r} does not fit this model: missing keys {missing[:10]}, unexpected keys "
+                f"{unexpected[:10]}. Use the model configuration the checkpoint was trained with."
+            )
+        self.global_state = checkpoint["global_state"]
+        for client in self.my_clients:
+            saved = checkpoint["clients"].get(client)
+            if saved is None:
+                rank_zero_info(f"Client {client!r} is not in {path}: it uses the global model and shared target.")
+                continue
+            self.client_records[client] = ClientRecord(
+                local_state=saved["local_state"],
+                optimizer_state=saved["optimizer_state"] if with_optimizers else None,
+            )
+            for cb in self._client_state_callbacks():
+                if cb.state_key in saved["callbacks"]:
+                    cb.load_client_state_dict(client, saved["callbacks"][cb.state_key])
+        for cb in self.callbacks:
+            if isinstance(cb, Callback) and cb.state_key in checkpoint["callbacks"]:
+                cb.load_state_dict(checkpoint["callbacks"][cb.state_key])
+        self.history = list(checkpoint["history"])
+        self.best_round, self.best_score = checkpoint["best_round"], checkpoint["best_score"]
+        return int(checkpoint["round"])
+
+    def _resolve_checkpoint(self, ckpt_path: str) -> Path:
+        if ckpt_path in ("best", "last"):
+            return self.checkpoint_dir / f"{ckpt_path}.ckpt"
+        return Path(ckpt_path)
+
+    def _evaluate_checkpoint(
+        self, model: FederatedClient, datamodule: FederatedDataModule, ckpt_path: str, split: Split
+    ) -> dict[str, Any]:
+        self._setup(model, datamodule, "validate" if split == "val" else "test")
+        path = self._resolve_checkpoint(ckpt_path)
+        rounds = self._restore(path, with_optimizers=False)
+        results = self._ordered(self._evaluate_clients((split,)))
+        result = reporting.summary(rounds, self.best_round, results)
+        if self.is_global_zero:
+            reporting.print_results_table(f"{split} metrics of {path}", results)
+            reporting.write_json(result, path.parent / f"{split}_summary.json")
+        self.fabric.call("teardown", trainer=self, pl_module=self.module, stage=split)
+        self._finish()
+        return result
+
+    def _ordered(self, results: Mapping[str, Any]) -> dict[str, Any]:
+        return {client: results[client] for client in self.client_names if client in results}
+
+    def _finish(self) -> None:
+        self.fabric.barrier()
+        for logger in self.loggers:
+            logger.finalize("success")
+
+
+def _check_positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}.")
+
+
+def _derive_seed(seed: int, round_idx: int, client_index: int) -> int:
+    """A distinct, reproducible seed per (run seed, round, client), independent of the process layout."""
+    return (seed * 1_000_003 + round_idx * 10_007 + client_index) % (2**63 - 1)
+
+
+def _to_host(value: Any) -> Any:
+    """A detached CPU copy of every tensor in a nested structure (state dicts, optimizer states)."""
+    if isinstance(value, Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _to_host(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_host(item) for item in value)
+    return value
+
+
+def _default_wandb_to_offline(loggers: list[Logger]) -> None:
+    """W&B must never block a run: without an API key (or an explicit WANDB_MODE) it logs offline."""
+    if any(isinstance(lg, WandbLogger) for lg in loggers) and not (
+        os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE")
+    ):
+        os.environ["WANDB_MODE"] = "offline"
+        rank_zero_info("No WANDB_API_KEY: W&B logs offline (sync later with `wandb sync`).")
