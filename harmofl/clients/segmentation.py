@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal, Optional
 
 import torch
@@ -50,14 +51,17 @@ class SegmentationClient(FederatedClient):
 
     def build_metrics(self) -> MetricCollection:
         # Global (not per-image) Dice: images without foreground would otherwise be undefined.
-        dice = DiceScore(
-            num_classes=self.num_classes,
-            include_background=False,
-            average="micro",
-            aggregation_level="global",
-            input_format="index",
-            sync_on_compute=False,
-        )
+        with warnings.catch_warnings():
+            # torchmetrics warns about a future change of the default `average`, which is set explicitly here.
+            warnings.filterwarnings("ignore", message="DiceScore metric currently defaults")
+            dice = DiceScore(
+                num_classes=self.num_classes,
+                include_background=False,
+                average="micro",
+                aggregation_level="global",
+                input_format="index",
+                sync_on_compute=False,
+            )
         return MetricCollection({"dice": dice})
 
     def compute_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
