@@ -194,6 +194,7 @@ class FederatedTrainer(Trainer):
         if ckpt_path is not None:
             start_round = self._restore(self._resolve_checkpoint(ckpt_path), with_optimizers=True)
             rank_zero_info(f"Resuming after round {start_round} of {self.rounds}.")
+        self.current_round = start_round
         self.fabric.call("on_fit_start", trainer=self, pl_module=self.module)
         for round_idx in range(start_round, self.rounds):
             self._run_round(round_idx)

@@ -99,6 +99,12 @@ def test_test_on_best_checkpoint_reproduces_the_best_rounds_test_metrics(trainer
         assert tested["clients"][client]["test"] == splits["test"]
     written = json.loads((tmp_path / "run" / "checkpoints" / "test_summary.json").read_text())
     assert written == tested
+    validated = FederatedTrainer(callbacks=[AmplitudeHarmonization()], **trainer_kwargs).validate(
+        tiny_classifier(), tiny_histology(), ckpt_path="best"
+    )
+    for client, splits in summary["clients"].items():
+        assert validated["clients"][client] == {"val": splits["val"]}
+    assert (tmp_path / "run" / "checkpoints" / "val_summary.json").is_file()
 
 
 def test_local_modules_stay_local(trainer_kwargs):

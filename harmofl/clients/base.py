@@ -22,11 +22,15 @@ _RUNNING_STAT_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked
 class FederatedClient(LightningModule):
     """Base class of the clients: manual optimization with :class:`~harmofl.perturbation.WeightPerturbation`.
 
-    Subclasses build ``self.model`` and implement :meth:`compute_loss`, :meth:`build_metrics` and
+    Subclasses implement :meth:`create_network`, :meth:`compute_loss`, :meth:`build_metrics` and
     :meth:`update_metrics`. One instance serves every client of a process: the orchestrator swaps each
     client's weights and optimizer state in and out.
 
     Args:
+        backbone: the network's name, resolved by :meth:`create_network`; always random initialization.
+        num_classes: number of classes (segmentation: including the background, index 0).
+        in_chans: image channels.
+        backbone_kwargs: extra arguments of the network, e.g. ``{norm: group}`` for the reference nets.
         optimizer: the base optimizer, e.g. ``torch.optim.SGD`` or a ``class_path``/``init_args`` in YAML.
         alpha: the perturbation radius α; 0 turns the perturbation off (plain base-optimizer steps).
         max_grad_norm: clip the gradient used for the update to this global L2 norm.
@@ -40,6 +44,10 @@ class FederatedClient(LightningModule):
 
     def __init__(
         self,
+        backbone: str,
+        num_classes: int = 2,
+        in_chans: int = 3,
+        backbone_kwargs: Optional[dict[str, Any]] = None,
         optimizer: OptimizerCallable = torch.optim.SGD,
         alpha: float = 0.05,
         max_grad_norm: Optional[float] = None,
@@ -47,6 +55,8 @@ class FederatedClient(LightningModule):
         batch_norm_stats: Literal["running", "batch"] = "running",
     ) -> None:
         super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"model.num_classes must be >= 2 (with background for segmentation), got {num_classes}.")
         if batch_norm_stats not in ("running", "batch"):
             raise ValueError(f"model.batch_norm_stats must be 'running' or 'batch', got {batch_norm_stats!r}.")
         if alpha < 0:
@@ -55,18 +65,20 @@ class FederatedClient(LightningModule):
         self.optimizer_factory = optimizer
         self.alpha = alpha
         self.max_grad_norm = max_grad_norm
-        self.weights_path = weights_path
-        self.batch_norm_stats = batch_norm_stats
-        self.model: nn.Module
-
-    def _finish_init(self) -> None:
-        """Called by subclasses once ``self.model`` exists: metrics per evaluation stage, initial weights."""
+        self.num_classes = num_classes
+        self.model = self.create_network(backbone, num_classes=num_classes, in_chans=in_chans,
+                                         **(backbone_kwargs or {}))
         # Each process evaluates its own clients: metrics must never be synchronized across processes.
         self.metrics = nn.ModuleDict({stage: self.build_metrics() for stage in EVAL_STAGES})
-        if self.batch_norm_stats == "batch":
+        if batch_norm_stats == "batch":
             use_batch_statistics(self.model)
-        if self.weights_path is not None:
-            load_local_weights(self.model, self.weights_path)
+        if weights_path is not None:
+            load_local_weights(self.model, weights_path)
+
+    @staticmethod
+    @abstractmethod
+    def create_network(name: str, num_classes: int, in_chans: int, **kwargs: Any) -> nn.Module:
+        """Build the network by name (a factory of :mod:`harmofl.models`)."""
 
     @abstractmethod
     def build_metrics(self) -> MetricCollection:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,34 +19,19 @@ class ClassificationClient(FederatedClient):
     """Image classification; metrics ``accuracy`` and ``auroc``, the best model chosen by ``accuracy``.
 
     Args:
-        backbone: a name registered in :mod:`harmofl.models` (``harmofl_densenet121``, the reference variant)
-            or any ``timm`` model name; always built from random initialization.
-        num_classes: number of classes (2 = binary metrics on the positive class's probability).
-        in_chans: image channels.
-        backbone_kwargs: extra arguments of the backbone, e.g. ``{norm: group}`` for ``harmofl_densenet121``.
-        optimizer, alpha, max_grad_norm, weights_path, batch_norm_stats: see :class:`~harmofl.clients.base.FederatedClient`.
+        backbone: ``harmofl_densenet121`` (the reference DenseNet-121 variant) or any ``timm`` model name.
+        optimizer: the base optimizer; the reference uses SGD (lr 1e-3, momentum 0.9, weight decay 1e-4).
+        **kwargs: the other arguments of :class:`~harmofl.clients.base.FederatedClient`; with 2 classes the
+            metrics are binary, on the positive class's probability.
     """
 
     primary_metric = "accuracy"
+    create_network = staticmethod(create_classifier)
 
     def __init__(
-        self,
-        backbone: str = "harmofl_densenet121",
-        num_classes: int = 2,
-        in_chans: int = 3,
-        backbone_kwargs: Optional[dict[str, Any]] = None,
-        optimizer: OptimizerCallable = torch.optim.SGD,
-        alpha: float = 0.05,
-        max_grad_norm: Optional[float] = None,
-        weights_path: Optional[str] = None,
-        batch_norm_stats: Literal["running", "batch"] = "running",
+        self, backbone: str = "harmofl_densenet121", optimizer: OptimizerCallable = torch.optim.SGD, **kwargs: Any
     ) -> None:
-        super().__init__(optimizer, alpha, max_grad_norm, weights_path, batch_norm_stats)
-        if num_classes < 2:
-            raise ValueError(f"model.num_classes must be >= 2, got {num_classes}.")
-        self.num_classes = num_classes
-        self.model = create_classifier(backbone, num_classes=num_classes, in_chans=in_chans, **(backbone_kwargs or {}))
-        self._finish_init()
+        super().__init__(backbone=backbone, optimizer=optimizer, **kwargs)
 
     def build_metrics(self) -> MetricCollection:
         if self.num_classes == 2:

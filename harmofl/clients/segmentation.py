@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Literal, Optional
+from typing import Any
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
@@ -21,33 +21,18 @@ class SegmentationClient(FederatedClient):
 
     Args:
         backbone: ``harmofl_unet`` (the reference U-Net) or any segmentation_models_pytorch encoder name
-            (an smp ``Unet`` with that encoder); always built from random initialization.
-        num_classes: number of classes including background (index 0).
-        in_chans: image channels (3 for the reference's 2.5D MRI input).
-        backbone_kwargs: extra arguments of the network, e.g. ``{base_features: 16}`` for ``harmofl_unet``.
-        optimizer, alpha, max_grad_norm, weights_path, batch_norm_stats: see :class:`~harmofl.clients.base.FederatedClient`.
+            (an smp ``Unet`` with that encoder).
+        optimizer: the base optimizer; the reference uses Adam (lr 1e-4, weight decay 1e-4).
+        **kwargs: the other arguments of :class:`~harmofl.clients.base.FederatedClient`.
     """
 
     primary_metric = "dice"
+    create_network = staticmethod(create_segmenter)
 
     def __init__(
-        self,
-        backbone: str = "harmofl_unet",
-        num_classes: int = 2,
-        in_chans: int = 3,
-        backbone_kwargs: Optional[dict[str, Any]] = None,
-        optimizer: OptimizerCallable = torch.optim.Adam,
-        alpha: float = 0.05,
-        max_grad_norm: Optional[float] = None,
-        weights_path: Optional[str] = None,
-        batch_norm_stats: Literal["running", "batch"] = "running",
+        self, backbone: str = "harmofl_unet", optimizer: OptimizerCallable = torch.optim.Adam, **kwargs: Any
     ) -> None:
-        super().__init__(optimizer, alpha, max_grad_norm, weights_path, batch_norm_stats)
-        if num_classes < 2:
-            raise ValueError(f"model.num_classes must be >= 2 (background and foreground), got {num_classes}.")
-        self.num_classes = num_classes
-        self.model = create_segmenter(backbone, num_classes=num_classes, in_chans=in_chans, **(backbone_kwargs or {}))
-        self._finish_init()
+        super().__init__(backbone=backbone, optimizer=optimizer, **kwargs)
 
     def build_metrics(self) -> MetricCollection:
         # Global (not per-image) Dice: images without foreground would otherwise be undefined.
