@@ -67,12 +67,26 @@ def harmonize(images: Tensor, target_amplitude: Tensor, band: float) -> Tensor:
             f"Target amplitude shape {tuple(target_amplitude.shape)} does not match the images' "
             f"[C, H, W] = {tuple(images.shape[1:])}: every client must use the same image size and channels."
         )
+    check_band(band)
+    height, width = images.shape[-2:]
+    if int(height * band) == 0 and int(width * band) == 0:
+        return _harmonize_dc(images, target_amplitude)
     spectrum = torch.fft.fft2(_fft_dtype(images))
-    mask = low_frequency_mask(images.shape[-2], images.shape[-1], band, images.device)
+    mask = low_frequency_mask(height, width, band, images.device)
     target = target_amplitude.to(device=images.device, dtype=spectrum.real.dtype)
     swapped = torch.polar(target.expand_as(spectrum.real), spectrum.angle())
     harmonized = torch.fft.ifft2(torch.where(mask, swapped, spectrum)).real
     return harmonized.to(images.dtype)
+
+
+def _harmonize_dc(images: Tensor, target_amplitude: Tensor) -> Tensor:
+    """The DC-only window without an FFT: the DC coefficient is the channel's sum (a real number of phase 0
+    or π), so replacing its amplitude is a per-channel shift of ``(±target_dc - sum) / (H·W)``."""
+    values = _fft_dtype(images)
+    total = values.sum(dim=(-2, -1), keepdim=True)
+    target_dc = target_amplitude[:, :1, :1].to(device=images.device, dtype=values.dtype)
+    new_dc = torch.where(total < 0, -target_dc, target_dc)
+    return (values + (new_dc - total) / (images.shape[-2] * images.shape[-1])).to(images.dtype)
 
 
 def update_running_amplitude(running: Optional[Tensor], batch_amplitude: Tensor, momentum: float) -> Tensor:

@@ -203,6 +203,9 @@ class FederatedTrainer(Trainer):
         best = reporting.results_at_round(self.history, self.best_round, ("val", "test")) if self.best_round else {}
         result = reporting.summary(self.rounds, self.best_round, best)
         if self.is_global_zero and best:
+            # Once per fit, not per round: a plot costs more than a small model's round of bookkeeping, and
+            # metrics.csv (and the loggers) already follow the run live.
+            reporting.plot_convergence(self.history, self.module.primary_metric, self._root_dir / "convergence.png")
             reporting.print_results_table(f"Best round {self.best_round} of {self.rounds}", best)
         self._finish()
         return result
@@ -303,16 +306,19 @@ class FederatedTrainer(Trainer):
 
     def _evaluate_clients(self, splits: tuple[Split, ...]) -> dict[str, dict[str, dict[str, float]]]:
         """Every client's metrics on ``splits`` with the global model (plus its local keys), from all processes."""
-        local = {client: {split: self._evaluate_client(client, split) for split in splits} for client in self.my_clients}
+        local = {client: self._evaluate_client(client, splits) for client in self.my_clients}
         results: dict[str, dict[str, dict[str, float]]] = {}
         for part in all_gather_objects(self.fabric, local):
             results.update(part)
         return results
 
-    @torch.no_grad()
-    def _evaluate_client(self, client: str, split: Split) -> dict[str, float]:
+    def _evaluate_client(self, client: str, splits: tuple[Split, ...]) -> dict[str, dict[str, float]]:
         self.current_client = client
         self._load_client(client, with_optimizer=False)
+        return {split: self._evaluate_split(client, split) for split in splits}
+
+    @torch.no_grad()
+    def _evaluate_split(self, client: str, split: Split) -> dict[str, float]:
         hook, step = EVAL_HOOKS[split]
         metrics = self.module.metrics[split]
         metrics.reset()
@@ -350,7 +356,6 @@ class FederatedTrainer(Trainer):
         reporting.write_metrics_csv(self.history, self._root_dir / "metrics.csv")
         best = reporting.results_at_round(self.history, self.best_round, ("val", "test"))
         reporting.write_json(reporting.summary(self.rounds, self.best_round, best), self._root_dir / "summary.json")
-        reporting.plot_convergence(self.history, self.module.primary_metric, self._root_dir / "convergence.png")
 
     # -- client state --------------------------------------------------------------------------------------
 

@@ -24,6 +24,21 @@ def test_dc_only_is_a_per_channel_mean_shift():
     torch.testing.assert_close(harmonize(x, target, band=0.0), expected, atol=1e-10, rtol=0)
 
 
+def test_dc_fast_path_equals_the_fft_path_for_either_sign():
+    x = _images()
+    x[::2] -= 0.75  # these images' channels sum to a negative DC coefficient (phase pi)
+    target = amplitude_spectrum(_images(seed=1)).mean(0)
+    assert (x.sum(dim=(-2, -1)) < 0).any() and (x.sum(dim=(-2, -1)) > 0).any()
+    torch.testing.assert_close(harmonize(x, target, 0.0), _fft_harmonize(x, target), atol=1e-12, rtol=0)
+
+
+def _fft_harmonize(x, target):
+    spectrum = torch.fft.fft2(x)
+    dc = torch.polar(target[:, 0, 0].expand(x.shape[0], -1), spectrum[..., 0, 0].angle())
+    spectrum[..., 0, 0] = dc
+    return torch.fft.ifft2(spectrum).real
+
+
 def test_full_band_sets_the_amplitude_and_keeps_the_phase():
     x = _images(shape=(4, 3, 16, 16))
     target = amplitude_spectrum(_images(seed=2, shape=(4, 3, 16, 16))).mean(0)
