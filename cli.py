@@ -8,6 +8,7 @@ subclasses); ``python cli.py fit --help`` lists them and ``--print_config`` show
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Union
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -17,12 +18,21 @@ from harmofl.trainer import FederatedTrainer
 
 
 class HarmoFLCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # Federated training and per-client evaluation of checkpoints; no `predict` (yet).
+        return {key: value for key, value in LightningCLI.subcommands().items() if key != "predict"}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # One seed for the whole run: model initialization and the per-round, per-client data order.
-        parser.link_arguments("seed_everything", "trainer.seed")
+        # One seed for the whole run: model initialization and the per-round, per-client data order. A boolean
+        # seed_everything is resolved in `before_instantiate_classes`, once Lightning has drawn the seed.
+        parser.link_arguments("seed_everything", "trainer.seed", compute_fn=_trainer_seed)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
+        # `seed_everything: true` has been replaced by the random seed drawn (and inherited by the processes
+        # the trainer launches); `false` seeds nothing globally, and the trainer's per-client seeds use 0.
+        config.trainer.seed = _trainer_seed(config.seed_everything)
         if config.trainer.default_root_dir is None:
             config_files = config.get("config") or []
             name = Path(str(config_files[-1])).stem if config_files else "harmofl"
@@ -30,6 +40,10 @@ class HarmoFLCLI(LightningCLI):
         if self.subcommand != "fit":
             # Evaluating a checkpoint must not overwrite the config.yaml that records how it was trained.
             self.save_config_callback = None
+
+
+def _trainer_seed(seed_everything: Union[bool, int]) -> int:
+    return 0 if isinstance(seed_everything, bool) else int(seed_everything)
 
 
 def main() -> None:
