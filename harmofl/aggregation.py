@@ -32,7 +32,9 @@ def client_weights(sample_counts: Sequence[int], weighting: ClientWeighting) -> 
         return [1.0] * len(sample_counts)
     if weighting == "samples":
         if any(n <= 0 for n in sample_counts):
-            raise ValueError(f"Sample-count weighting needs every client to have training samples, got {sample_counts}.")
+            raise ValueError(
+                f"Sample-count weighting needs every client to have training samples, got {sample_counts}."
+            )
         return [float(n) for n in sample_counts]
     raise ValueError(f"Unknown client weighting {weighting!r}; expected 'uniform' or 'samples'.")
 

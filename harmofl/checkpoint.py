@@ -14,16 +14,21 @@ FORMAT_KEY = "harmofl_checkpoint"
 FORMAT_VERSION = 1
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write ``state`` to a temporary file beside ``path`` and rename it: a crash never leaves a truncated file."""
+def atomic_torch_save(data: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
         temporary = Path(handle.name)
     try:
-        torch.save({FORMAT_KEY: FORMAT_VERSION, **state}, temporary)
+        torch.save(data, temporary)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write a federated checkpoint atomically: a crash never leaves a truncated file."""
+    atomic_torch_save({FORMAT_KEY: FORMAT_VERSION, **state}, path)
 
 
 def copy_checkpoint(source: Path, destination: Path) -> None:

@@ -7,6 +7,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_SILENT", "true")
 
 import functools  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -14,6 +17,7 @@ import torch  # noqa: E402
 from harmofl.clients import ClassificationClient, SegmentationClient  # noqa: E402
 from harmofl.data import DemoHistology, DemoNuclei  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 SGD = functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=1e-4)
 
 
@@ -44,3 +48,13 @@ def tiny_segmenter(**kwargs) -> SegmentationClient:
 def trainer_kwargs(tmp_path):
     """In-process, CPU, quiet trainer settings writing under a temporary folder."""
     return dict(accelerator="cpu", devices=1, enable_progress_bar=False, default_root_dir=str(tmp_path / "run"))
+
+
+def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", **(env or {})}
+    environment = {k: v for k, v in environment.items() if v is not None}
+    process = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=cwd, env=environment,
+                             capture_output=True, text=True, timeout=600)
+    if check:
+        assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-5000:]
+    return process

@@ -1,33 +1,19 @@
 """The command line, end to end, in subprocesses: fit, test, two processes, errors, W&B offline."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from harmofl.checkpoint import load_checkpoint
 from harmofl.reporting import read_metrics_csv
+from tests.conftest import REPO, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "--data.init_args.train_per_site", "16", "--data.init_args.val_per_site", "8",
     "--data.init_args.test_per_site", "8", "--data.init_args.image_size", "32",
     "--data.init_args.batch_size", "8", "--trainer.enable_progress_bar", "false",
 ]
-
-
-def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", **(env or {})}
-    environment = {k: v for k, v in environment.items() if v is not None}
-    process = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=cwd, env=environment,
-                             capture_output=True, text=True, timeout=600)
-    if check:
-        assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-5000:]
-    return process
 
 
 def test_fit_writes_outputs_under_runs_config_name_and_test_reproduces_the_best_round(tmp_path):

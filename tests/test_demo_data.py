@@ -257,6 +257,7 @@ def test_dataset_before_setup_and_unknown_client() -> None:
     assert data.client_names == ["site_0", "site_1"]
     with pytest.raises(RuntimeError, match="setup"):
         data.dataset("site_0", "train")
+    data.setup()
     with pytest.raises(KeyError, match="site_9"):
         data.dataset("site_9", "train")
 

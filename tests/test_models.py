@@ -20,8 +20,8 @@ from harmofl.models import (
     norm_layer,
     register_classifier,
     register_segmenter,
+    registry,
 )
-from harmofl.models import registry
 
 DENSENET = "harmofl_densenet121"
 UNET = "harmofl_unet"

@@ -1,8 +1,23 @@
-"""Federated data sources: the per-site data contract and the built-in procedural demo."""
+"""Federated data sources: the per-site data contract, the built-in procedural demo and loaders for data on disk."""
 
 from __future__ import annotations
 
 from harmofl.data.base import SPLITS, FederatedDataModule
+from harmofl.data.camelyon import Camelyon17
 from harmofl.data.demo import DemoHistology, DemoNuclei
+from harmofl.data.files import DataError
+from harmofl.data.folders import SiteFolders
+from harmofl.data.prostate import ProstateMRI
+from harmofl.data.segmentation_folders import SegmentationFolders
 
-__all__ = ["SPLITS", "DemoHistology", "DemoNuclei", "FederatedDataModule"]
+__all__ = [
+    "SPLITS",
+    "Camelyon17",
+    "DataError",
+    "DemoHistology",
+    "DemoNuclei",
+    "FederatedDataModule",
+    "ProstateMRI",
+    "SegmentationFolders",
+    "SiteFolders",
+]

@@ -47,28 +47,33 @@ class FederatedDataModule(LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        # Filled by `setup`, one entry per (client, split); empty until then.
+        self._datasets: dict[tuple[str, Split], Dataset] = {}
 
     @property
     @abstractmethod
     def client_names(self) -> list[str]:
         """The clients (sites) of the federation, in a fixed order."""
 
-    @abstractmethod
     def dataset(self, client: str, split: Split) -> Dataset:
         """The dataset of one client's split; valid after :meth:`setup`."""
+        if split not in SPLITS:
+            raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}.")
+        if not self._datasets:
+            raise RuntimeError(f"{type(self).__name__}.dataset() needs setup() first.")
+        if client not in self.client_names:
+            raise KeyError(f"Unknown client {client!r}; the clients are {self.client_names}.")
+        return self._datasets[(client, split)]
 
     def num_samples(self, client: str, split: Split) -> int:
         return len(self.dataset(client, split))  # type: ignore[arg-type]
 
     def dataloader(self, client: str, split: Split, generator: Optional[torch.Generator] = None) -> DataLoader:
         """A loader over one client's split: shuffled with ``generator`` for training, in order otherwise."""
-        if client not in self.client_names:
-            raise KeyError(f"Unknown client {client!r}; the clients are {self.client_names}.")
-        if split not in SPLITS:
-            raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}.")
+        dataset = self.dataset(client, split)
         training = split == "train"
         return DataLoader(
-            self.dataset(client, split),
+            dataset,
             batch_size=self.batch_size if training else self.eval_batch_size,
             shuffle=training,
             generator=generator if training else None,

@@ -15,7 +15,6 @@ the size of one split never changes the samples of another.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from abc import abstractmethod
 from dataclasses import dataclass
@@ -23,9 +22,10 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import TensorDataset
 
 from harmofl.data.base import SPLITS, FederatedDataModule, Split
+from harmofl.data.files import named_generator
 from harmofl.data.imaging import SiteImaging, default_sites, render
 
 # Lengths below are in units of the reference patch: FIELD units span the image whatever its
@@ -242,12 +242,6 @@ def synthesize_tissue(tumour: Tensor, size: int, generator: torch.Generator) -> 
     return Tissue(hematoxylin=hematoxylin, eosin=eosin, nuclei=coverage >= 0.5)
 
 
-def split_generator(seed: int, site: int, split: Split) -> torch.Generator:
-    """An independent generator for one (site, split) of a federation seeded with ``seed``."""
-    digest = hashlib.blake2b(f"harmofl-demo/{seed}/{site}/{split}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
-
-
 class _ProceduralFederation(FederatedDataModule):
     """Shared machinery of the demo datamodules: arguments, sites, generation and lookup.
 
@@ -292,7 +286,6 @@ class _ProceduralFederation(FederatedDataModule):
         self.image_size = image_size
         self.seed = seed
         self.sites: list[SiteImaging] = default_sites(num_sites, seed)
-        self._datasets: dict[tuple[str, Split], TensorDataset] = {}
 
     @property
     def client_names(self) -> list[str]:
@@ -304,7 +297,7 @@ class _ProceduralFederation(FederatedDataModule):
             return
         for index, (client, site) in enumerate(zip(self.client_names, self.sites)):
             for split in SPLITS:
-                generator = split_generator(self.seed, index, split)
+                generator = named_generator("harmofl-demo", self.seed, index, split)
                 count = self.split_sizes[split]
                 # Balanced labels: half the patches (rounded down) hold a tumour-like cluster.
                 labels = (torch.arange(count) % 2)[torch.randperm(count, generator=generator)]
@@ -315,15 +308,6 @@ class _ProceduralFederation(FederatedDataModule):
     @abstractmethod
     def _targets(self, tissue: Tissue, labels: Tensor) -> Tensor:
         """The targets of a generated batch: its labels ``[B]`` or a per-pixel map ``[B, S, S]``."""
-
-    def dataset(self, client: str, split: Split) -> Dataset:
-        if client not in self.client_names:
-            raise KeyError(f"Unknown client {client!r}; the clients are {self.client_names}.")
-        if split not in SPLITS:
-            raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}.")
-        if not self._datasets:
-            raise RuntimeError(f"{type(self).__name__}.dataset() needs setup() first.")
-        return self._datasets[(client, split)]
 
 
 class DemoHistology(_ProceduralFederation):

@@ -8,6 +8,7 @@ images that fail their integrity check, masks whose shape differs from their ima
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal, Optional, TypeVar
@@ -41,6 +42,32 @@ def require_file(path: str | Path, what: str) -> Path:
     if not file.is_file():
         raise DataError(f"{what} {str(file)!r} does not exist.")
     return file
+
+
+def find_site_folders(root: Path, sites: Optional[Sequence[str]], layout: str) -> list[str]:
+    """The site (client) folders under ``root``: ``sites`` in their order (each must exist), else every
+    non-hidden subfolder, sorted. ``layout`` says what a site folder holds, for the error messages."""
+    available = sorted(path.name for path in root.iterdir() if path.is_dir() and not path.name.startswith("."))
+    if sites is None:
+        if not available:
+            raise DataError(f"{str(root)!r} holds no site folders: put one folder per site there, {layout}.")
+        return available
+    missing = [site for site in sites if site not in available]
+    if missing:
+        raise DataError(
+            f"Site folder(s) {missing} not found under {str(root)!r}, which holds {available}: fix data.sites or "
+            "data.root."
+        )
+    return list(sites)
+
+
+def named_generator(*parts: object) -> torch.Generator:
+    """A torch generator seeded from ``parts`` (e.g. a namespace, the run seed, a site, a split).
+
+    Each (site, split) gets its own stream, so adding a site or resizing one split never changes another.
+    """
+    digest = hashlib.blake2b("/".join(str(part) for part in parts).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
 
 def read_image(path: Path, channels: int = 3) -> Tensor:
@@ -109,5 +136,7 @@ def keep_good_samples(
         else:
             skipped += 1
     if skipped:
-        rank_zero_warn(f"Client {client!r}: skipped {skipped} bad sample(s) of {len(samples)} (data.on_bad_sample=skip).")
+        rank_zero_warn(
+            f"Client {client!r}: skipped {skipped} bad sample(s) of {len(samples)} (data.on_bad_sample=skip)."
+        )
     return good, skipped
