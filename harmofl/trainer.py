@@ -19,7 +19,9 @@ tables count rounds from 1.
 from __future__ import annotations
 
 import copy
+import math
 import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Optional, Union
@@ -37,6 +39,7 @@ from harmofl.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
 from harmofl.clients.base import FederatedClient
 from harmofl.data.base import FederatedDataModule, Split
 from harmofl.distributed import all_gather_objects, all_reduce_sum_
+from harmofl.server import FedAvg, ServerOptimizer
 from harmofl.strategy import ClientParallelStrategy
 
 SUPPORTED_PRECISION = ("32-true", "bf16-mixed")
@@ -66,6 +69,10 @@ class FederatedTrainer(Trainer):
             (cycling its loader), whatever its data size.
         client_weighting: aggregation weight of a client: ``uniform`` (the reference code) or ``samples``
             (its number of training samples, FedAvg as published).
+        clients_per_round: partial participation: an int N trains N clients per round, a float in (0, 1]
+            that fraction of them (rounded up); sampled per round from ``seed``. None: every client.
+        server_optimizer: how the server turns the clients' weighted mean into the next global model
+            (:mod:`harmofl.server`: ``FedAvg`` by default, ``FedAvgM``, ``FedAdam``, ``FedYogi``).
         local_modules: module types whose weights each client keeps local and never sends (FedBN-style):
             ``norm`` for every normalization layer, or ``torch.nn`` class names such as ``BatchNorm2d``.
         accelerator: ``cpu``, ``gpu``/``cuda`` or ``auto``.
@@ -85,6 +92,8 @@ class FederatedTrainer(Trainer):
         local_epochs: int = 1,
         local_steps: Optional[int] = None,
         client_weighting: aggregation.ClientWeighting = "uniform",
+        clients_per_round: Optional[Union[int, float]] = None,
+        server_optimizer: Optional[ServerOptimizer] = None,
         local_modules: Optional[list[str]] = None,
         accelerator: str = "auto",
         devices: int = 1,
@@ -107,10 +116,20 @@ class FederatedTrainer(Trainer):
                 "does not see; bf16-mixed needs no scaler."
             )
         aggregation.client_weights([1], client_weighting)  # validates the name before any work
+        if clients_per_round is not None and not (
+            (isinstance(clients_per_round, int) and clients_per_round >= 1)
+            or (isinstance(clients_per_round, float) and 0.0 < clients_per_round <= 1.0)
+        ):
+            raise ValueError(
+                f"trainer.clients_per_round must be an int >= 1 (clients per round) or a float in (0, 1] (a "
+                f"fraction of the clients), got {clients_per_round!r}."
+            )
         self.rounds = rounds
         self.local_epochs = local_epochs
         self.local_steps = local_steps
         self.client_weighting = client_weighting
+        self.clients_per_round = clients_per_round
+        self.server_optimizer = server_optimizer or FedAvg()
         self.local_module_types = aggregation.resolve_module_types(local_modules or [])
         self.seed = seed
         self._root_dir = Path(default_root_dir or "runs/harmofl")
@@ -234,13 +253,14 @@ class FederatedTrainer(Trainer):
         shared_keys = [key for key in self.global_state if key not in self.local_keys]
         like = {key: self.global_state[key].to(self.fabric.device) for key in shared_keys}
         update_sum = aggregation.weighted_sum([], [], like)
+        participants = self.participants(round_idx)
         train_results: dict[str, dict[str, dict[str, float]]] = {}
-        for client in self.my_clients:
+        for client in (c for c in self.my_clients if c in participants):
             loss = self._train_client(client, round_idx)
             aggregation.add_weighted_(update_sum, self.module.state_dict(), self.client_weight[client])
             train_results[client] = {"train": {"loss": loss}}
             self._store_client(client)
-        self._aggregate(update_sum)
+        self._aggregate(update_sum, sum(self.client_weight[c] for c in participants))
         self.fabric.call("on_aggregate", trainer=self, pl_module=self.module, round_idx=round_idx)
         results = self._evaluate_clients(("val", "test"))
         for part in all_gather_objects(self.fabric, train_results):
@@ -284,11 +304,25 @@ class FederatedTrainer(Trainer):
                 if produced == num_batches:
                     return
 
-    def _aggregate(self, update_sum: dict[str, Tensor]) -> None:
-        """One all-reduce of the processes' weighted sums, then the weighted mean becomes the global model."""
+    def participants(self, round_idx: int) -> list[str]:
+        """The clients that train in round ``round_idx``: all, or a sample drawn from (seed, round) alone, so
+        that every process, and a resumed run, draws the same."""
+        if self.clients_per_round is None:
+            return list(self.client_names)
+        count = len(self.client_names)
+        if isinstance(self.clients_per_round, float):
+            wanted = math.ceil(self.clients_per_round * count)
+        else:
+            wanted = min(self.clients_per_round, count)
+        chosen = random.Random(f"participation/{self.seed}/{round_idx}").sample(range(count), wanted)
+        return [self.client_names[index] for index in sorted(chosen)]
+
+    def _aggregate(self, update_sum: dict[str, Tensor], total_weight: float) -> None:
+        """One all-reduce of the processes' weighted sums; the server optimizer turns the mean into the model."""
         all_reduce_sum_(self.fabric, update_sum)
         shared = {key: self.global_state[key] for key in update_sum}
-        self.global_state.update(aggregation.mean_from_sum(update_sum, self.total_weight, shared))
+        client_mean = aggregation.mean_from_sum(update_sum, total_weight, shared)
+        self.global_state.update(self.server_optimizer.step(shared, client_mean))
 
     def aggregate_client_values(self, values: Mapping[str, Mapping[str, Tensor]]) -> Optional[dict[str, Tensor]]:
         """Weighted mean, over every client of every process, of small per-client tensors (amplitude targets).
@@ -397,7 +431,6 @@ class FederatedTrainer(Trainer):
         self.my_clients = self.client_names[self.global_rank :: self.world_size]
         counts = [datamodule.num_samples(client, "train") for client in self.client_names]
         self.client_weight = dict(zip(self.client_names, aggregation.client_weights(counts, self.client_weighting)))
-        self.total_weight = sum(self.client_weight.values())
         self.fabric.call("setup", trainer=self, pl_module=model, stage=stage)
         model.setup(stage)
         self.module = model
@@ -410,13 +443,15 @@ class FederatedTrainer(Trainer):
 
     def _checkpoint_state(self, round_number: int) -> dict[str, Any]:
         """The whole federated state; client records and callback client states gathered from every process."""
+        # A client that has not trained yet (partial participation) has an empty record.
+        records = {client: self.client_records.get(client, ClientRecord()) for client in self.my_clients}
         clients = {
             client: {
-                "local_state": self.client_records[client].local_state,
-                "optimizer_state": self.client_records[client].optimizer_state,
+                "local_state": record.local_state,
+                "optimizer_state": record.optimizer_state,
                 "callbacks": {cb.state_key: cb.client_state_dict(client) for cb in self._client_state_callbacks()},
             }
-            for client in self.my_clients
+            for client, record in records.items()
         }
         gathered: dict[str, Any] = {}
         for part in all_gather_objects(self.fabric, clients):
@@ -430,6 +465,7 @@ class FederatedTrainer(Trainer):
             "global_state": self.global_state,
             "clients": {client: gathered[client] for client in self.client_names},
             "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks if isinstance(cb, Callback)},
+            "server_optimizer": self.server_optimizer.state_dict(),
             "history": self.history,
         }
 
@@ -462,6 +498,7 @@ class FederatedTrainer(Trainer):
         for cb in self.callbacks:
             if isinstance(cb, Callback) and cb.state_key in checkpoint["callbacks"]:
                 cb.load_state_dict(checkpoint["callbacks"][cb.state_key])
+        self.server_optimizer.load_state_dict(checkpoint["server_optimizer"])
         self.history = list(checkpoint["history"])
         self.best_round, self.best_score = checkpoint["best_round"], checkpoint["best_score"]
         return int(checkpoint["round"])

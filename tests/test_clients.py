@@ -138,3 +138,32 @@ def test_client_and_callback_also_train_under_a_plain_lightning_trainer():
     trainer.fit(client, train_dataloaders=loader)
     assert "local" in harmonization.client_targets
     assert any(not torch.equal(b, p) for b, p in zip(before, client.parameters()))
+
+
+def test_fedprox_term_pulls_towards_the_starting_weights():
+    """Two plain SGD steps (alpha 0) with FedProx equal the steps written out by hand."""
+    images, labels = _batch()
+    lr, mu = 0.1, 0.5
+    client = tiny_classifier(alpha=0.0, proximal_mu=mu, optimizer=functools.partial(torch.optim.SGD, lr=lr))
+    reference = copy.deepcopy(client)
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    module, _ = fabric.setup(client, client.configure_optimizers())
+    client.on_train_client_start()
+    losses = [module.training_step((images, labels), i) for i in range(2)]
+    start = [p.detach().clone() for p in reference.parameters()]
+    for _ in range(2):
+        reference.zero_grad()
+        loss = reference.compute_loss(reference(images), labels)
+        loss.backward()
+        with torch.no_grad():
+            for p, s in zip(reference.parameters(), start):
+                p -= lr * (p.grad + mu * (p - s))
+    for p_ours, p_ref in zip(client.parameters(), reference.parameters()):
+        torch.testing.assert_close(p_ours, p_ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(losses[1], loss.detach())  # the logged loss is the task loss, without the term
+
+
+def test_fedprox_outside_the_orchestrator_is_a_clear_error():
+    client = tiny_classifier(proximal_mu=0.1)
+    with pytest.raises(RuntimeError, match="FederatedTrainer"):
+        client.local_objective(*_batch())

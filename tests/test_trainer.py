@@ -175,3 +175,50 @@ def test_checkpoint_of_another_model_is_refused_with_the_keys(trainer_kwargs):
 def test_missing_checkpoint_is_a_clear_error(trainer_kwargs):
     with pytest.raises(FileNotFoundError, match="best.ckpt"):
         FederatedTrainer(**trainer_kwargs).test(tiny_classifier(), tiny_histology())
+
+
+def test_server_optimizer_turns_the_clients_mean_into_the_global_model(trainer_kwargs):
+    from harmofl.server import FedAdam
+
+    recorder = Recorder()
+    trainer = FederatedTrainer(rounds=2, server_optimizer=FedAdam(lr=0.05), callbacks=[recorder], **trainer_kwargs)
+    model = tiny_classifier()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.fit(model, tiny_histology())
+    expected_optimizer, expected = FedAdam(lr=0.05), start
+    for round_idx in range(2):
+        mean = weighted_average([recorder.trained[(round_idx, c)] for c in ("site_0", "site_1")], [1.0, 1.0])
+        expected = expected_optimizer.step(expected, mean)
+    for key, value in expected.items():
+        torch.testing.assert_close(trainer.global_state[key], value, atol=1e-6, rtol=0)
+    moments = load_checkpoint(trainer.checkpoint_dir / "last.ckpt")["server_optimizer"]["moments"]
+    assert set(moments) == {"m", "v"} and moments["m"]
+
+
+@pytest.mark.parametrize("clients_per_round", [1, 0.5])
+def test_partial_participation_trains_a_seeded_sample_and_averages_only_it(trainer_kwargs, clients_per_round):
+    recorder = Recorder()
+    trainer = FederatedTrainer(rounds=3, clients_per_round=clients_per_round, callbacks=[recorder], **trainer_kwargs)
+    trainer.fit(tiny_classifier(), tiny_histology(num_sites=3))
+    for round_idx in range(3):
+        participants = trainer.participants(round_idx)
+        assert len(participants) == 2 if clients_per_round == 0.5 else len(participants) == 1
+        assert {c for (r, c) in recorder.trained if r == round_idx} == set(participants)
+    again = Recorder()  # the same seed draws the same participants
+    FederatedTrainer(rounds=3, clients_per_round=clients_per_round, callbacks=[again], **trainer_kwargs).fit(
+        tiny_classifier(), tiny_histology(num_sites=3)
+    )
+    assert set(again.trained) == set(recorder.trained)
+    last = weighted_average([recorder.trained[(2, c)] for c in trainer.participants(2)],
+                            [1.0] * len(trainer.participants(2)))
+    for key, value in last.items():
+        torch.testing.assert_close(trainer.global_state[key], value, atol=1e-7, rtol=0)
+    train_rows = [r for r in trainer.history if r["split"] == "train" and r["client"] != "mean"]
+    assert len(train_rows) == 3 * len(trainer.participants(0))
+    evaluated = {r["client"] for r in trainer.history if r["split"] == "test"}
+    assert evaluated == {"site_0", "site_1", "site_2", "mean"}  # every client evaluates the global model
+
+
+def test_bad_participation_is_rejected():
+    with pytest.raises(ValueError, match="clients_per_round"):
+        FederatedTrainer(clients_per_round=1.5, enable_progress_bar=False)

@@ -33,6 +33,8 @@ class FederatedClient(LightningModule):
         backbone_kwargs: extra arguments of the network, e.g. ``{norm: group}`` for the reference nets.
         optimizer: the base optimizer, e.g. ``torch.optim.SGD`` or a ``class_path``/``init_args`` in YAML.
         alpha: the perturbation radius α; 0 turns the perturbation off (plain base-optimizer steps).
+        proximal_mu: FedProx's μ: adds ``μ/2·‖w − w_start‖²`` to the local objective, ``w_start`` the weights
+            local training started from (the global model); 0 turns it off. The logged loss excludes it.
         max_grad_norm: clip the gradient used for the update to this global L2 norm.
         weights_path: a local file of initial weights (a state dict, or a dict with a ``state_dict`` key).
         batch_norm_stats: ``running`` keeps BatchNorm's running statistics for evaluation; ``batch``
@@ -50,11 +52,14 @@ class FederatedClient(LightningModule):
         backbone_kwargs: Optional[dict[str, Any]] = None,
         optimizer: OptimizerCallable = torch.optim.SGD,
         alpha: float = 0.05,
+        proximal_mu: float = 0.0,
         max_grad_norm: Optional[float] = None,
         weights_path: Optional[str] = None,
         batch_norm_stats: Literal["running", "batch"] = "running",
     ) -> None:
         super().__init__()
+        if proximal_mu < 0:
+            raise ValueError(f"model.proximal_mu (FedProx's mu) must be >= 0, got {proximal_mu}.")
         if num_classes < 2:
             raise ValueError(f"model.num_classes must be >= 2 (with background for segmentation), got {num_classes}.")
         if batch_norm_stats not in ("running", "batch"):
@@ -64,6 +69,8 @@ class FederatedClient(LightningModule):
         self.automatic_optimization = False
         self.optimizer_factory = optimizer
         self.alpha = alpha
+        self.proximal_mu = proximal_mu
+        self._start_weights: Optional[list[Tensor]] = None
         self.max_grad_norm = max_grad_norm
         self.num_classes = num_classes
         self.model = self.create_network(backbone, num_classes=num_classes, in_chans=in_chans,
@@ -98,23 +105,38 @@ class FederatedClient(LightningModule):
     def configure_optimizers(self) -> WeightPerturbation:
         return WeightPerturbation(self.parameters(), self.optimizer_factory, self.alpha, self.max_grad_norm)
 
+    def on_train_client_start(self) -> None:
+        """Fired by the orchestrator as a client's local training starts, from the global weights."""
+        if self.proximal_mu > 0:
+            self._start_weights = [p.detach().clone() for p in self.parameters()]
+
+    def local_objective(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """(objective to minimize, task loss): the task loss plus the client-side terms that are switched on."""
+        loss = self.compute_loss(self(images), targets)
+        if self.proximal_mu == 0:
+            return loss, loss
+        if self._start_weights is None:
+            raise RuntimeError("proximal_mu > 0 needs the starting weights: train this client with FederatedTrainer.")
+        squared_distance = sum(((p - s) ** 2).sum() for p, s in zip(self.parameters(), self._start_weights))
+        return loss + 0.5 * self.proximal_mu * squared_distance, loss
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """One local step: backward at w, perturb, backward at w + δ, restore, base step.
 
-        Returns the loss of the unperturbed pass (the one that is logged).
+        Returns the task loss of the unperturbed pass (the one that is logged).
         """
         images, targets = batch
         optimizer = self.optimizers()
-        loss = self.compute_loss(self(images), targets)
-        if not torch.isfinite(loss):
+        objective, loss = self.local_objective(images, targets)
+        if not torch.isfinite(objective):
             raise FloatingPointError(
-                f"Non-finite training loss ({loss.item()}) at batch {batch_idx}: lower the learning rate, check the "
-                "data for NaN/Inf values, or use precision 32-true."
+                f"Non-finite training loss ({objective.item()}) at batch {batch_idx}: lower the learning rate, check "
+                "the data for NaN/Inf values, or use precision 32-true."
             )
-        self.manual_backward(loss)
+        self.manual_backward(objective)
         if optimizer.perturbs:
             optimizer.perturb()
-            self.manual_backward(self.compute_loss(self(images), targets))
+            self.manual_backward(self.local_objective(images, targets)[0])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
