@@ -1,4 +1,4 @@
-"""HarmoFL-Lightning's command line: ``python cli.py fit|validate|test --config configs/demo.yaml``.
+"""HarmoFL-Lightning's command line: ``python cli.py fit|validate|test|compare --config configs/demo.yaml``.
 
 Every setting is a typed constructor argument of the trainer (:class:`harmofl.FederatedTrainer`), the client
 model (:class:`harmofl.FederatedClient` subclasses) or the data (:class:`harmofl.data.FederatedDataModule`
@@ -7,12 +7,15 @@ subclasses); ``python cli.py fit --help`` lists them and ``--print_config`` show
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Union
 
+from jsonargparse import CLI
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from harmofl.clients import FederatedClient
+from harmofl.compare import run_comparison
 from harmofl.data import FederatedDataModule
 from harmofl.trainer import FederatedTrainer
 
@@ -47,6 +50,10 @@ def _trainer_seed(seed_everything: Union[bool, int]) -> int:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["compare"]:
+        # Many fits side by side: a typed function of its own, not a trainer method.
+        CLI(run_comparison, args=sys.argv[2:])
+        return
     HarmoFLCLI(
         model_class=FederatedClient,
         subclass_mode_model=True,

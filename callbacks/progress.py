@@ -46,7 +46,8 @@ class RoundProgressBar(Callback):
             return
         self._progress.advance(self._rounds)
         metric = trainer.lightning_module.primary_metric
-        values = [splits["val"][metric] for splits in results.values() if metric in splits.get("val", {})]
+        values = [splits["val"][metric] for client, splits in results.items()
+                  if metric in splits.get("val", {}) and client not in trainer.held_out]
         mean = sum(values) / len(values) if values else float("nan")
         self._progress.console.print(
             f"round {round_idx + 1}/{trainer.rounds}: mean val {metric} {mean:.4f}"

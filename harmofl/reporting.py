@@ -10,7 +10,7 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Collection, Iterable, Mapping, Optional, Sequence
 
 from rich.console import Console
 from rich.table import Table
@@ -19,18 +19,21 @@ Results = Mapping[str, Mapping[str, Mapping[str, float]]]
 MEAN = "mean"
 
 
-def mean_over_clients(results: Results) -> dict[str, dict[str, float]]:
-    """``{split: {metric: mean over clients}}``; a metric a client lacks is averaged over the others."""
+def mean_over_clients(results: Results, held_out: Collection[str] = ()) -> dict[str, dict[str, float]]:
+    """``{split: {metric: mean over clients}}``, held-out clients excluded; a metric a client lacks is averaged
+    over the others."""
     collected: dict[str, dict[str, list[float]]] = {}
-    for splits in results.values():
+    for client, splits in results.items():
+        if client in held_out:
+            continue
         for split, metrics in splits.items():
             for name, value in metrics.items():
                 collected.setdefault(split, {}).setdefault(name, []).append(float(value))
     return {split: {name: sum(v) / len(v) for name, v in metrics.items()} for split, metrics in collected.items()}
 
 
-def history_rows(round_number: int, results: Results) -> list[dict[str, Any]]:
-    """One row per client and split, then the mean rows, for one round."""
+def history_rows(round_number: int, results: Results, held_out: Collection[str] = ()) -> list[dict[str, Any]]:
+    """One row per client and split, then the mean rows (over the clients not held out), for one round."""
     rows = [
         {"round": round_number, "client": client, "split": split, **metrics}
         for client, splits in results.items()
@@ -38,7 +41,7 @@ def history_rows(round_number: int, results: Results) -> list[dict[str, Any]]:
     ]
     rows += [
         {"round": round_number, "client": MEAN, "split": split, **metrics}
-        for split, metrics in mean_over_clients(results).items()
+        for split, metrics in mean_over_clients(results, held_out).items()
     ]
     return rows
 
@@ -63,14 +66,18 @@ def read_metrics_csv(path: Path) -> list[dict[str, Any]]:
         ]
 
 
-def summary(rounds: int, best_round: Optional[int], results: Results) -> dict[str, Any]:
-    """The ``summary.json`` structure for ``results`` (the per-client metrics of the kept model)."""
-    return {
-        "rounds": rounds,
-        "best_round": best_round,
-        "clients": {client: {split: dict(m) for split, m in splits.items()} for client, splits in results.items()},
-        "mean": mean_over_clients(results),
-    }
+def summary(rounds: int, best_round: Optional[int], results: Results, held_out: Collection[str] = ()) -> dict[str, Any]:
+    """The ``summary.json`` structure for ``results`` (the per-client metrics of the kept model); clients held
+    out of training are reported under ``held_out``, outside the mean."""
+    def section(included: bool) -> dict[str, Any]:
+        return {client: {split: dict(m) for split, m in splits.items()}
+                for client, splits in results.items() if (client not in held_out) == included}
+
+    result = {"rounds": rounds, "best_round": best_round, "clients": section(True),
+              "mean": mean_over_clients(results, held_out)}
+    if any(client in held_out for client in results):
+        result["held_out"] = section(False)
+    return result
 
 
 def results_at_round(rows: Iterable[Mapping[str, Any]], round_number: int, splits: Sequence[str]) -> dict:
@@ -115,8 +122,10 @@ def plot_convergence(rows: Sequence[Mapping[str, Any]], metric: str, path: Path,
     plt.close(figure)
 
 
-def print_results_table(title: str, results: Results, console: Optional[Console] = None) -> None:
-    """A per-client table with the mean as its last row."""
+def print_results_table(
+    title: str, results: Results, held_out: Collection[str] = (), console: Optional[Console] = None
+) -> None:
+    """A per-client table with the mean (of the clients not held out, marked ``(held out)``) as its last row."""
     splits = sorted({split for s in results.values() for split in s}, key=["train", "val", "test"].index)
     columns = [(split, name) for split in splits
                for name in sorted({n for s in results.values() for n in s.get(split, {})})]
@@ -124,8 +133,9 @@ def print_results_table(title: str, results: Results, console: Optional[Console]
     table.add_column("client")
     for split, name in columns:
         table.add_column(f"{split} {name}", justify="right")
-    mean = mean_over_clients(results)
+    mean = mean_over_clients(results, held_out)
     for client, row in [*results.items(), (MEAN, mean)]:
         cells = [f"{row[s][n]:.4f}" if n in row.get(s, {}) else "" for s, n in columns]
-        table.add_row(f"[bold]{client}[/bold]" if client == MEAN else client, *cells)
+        label = f"[bold]{client}[/bold]" if client == MEAN else f"{client} (held out)" if client in held_out else client
+        table.add_row(label, *cells)
     (console or Console()).print(table)

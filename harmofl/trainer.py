@@ -71,6 +71,8 @@ class FederatedTrainer(Trainer):
             (its number of training samples, FedAvg as published).
         clients_per_round: partial participation: an int N trains N clients per round, a float in (0, 1]
             that fraction of them (rounded up); sampled per round from ``seed``. None: every client.
+        held_out_clients: clients that never train nor send anything (leave-site-out): every round they
+            evaluate the global model with the shared amplitude target, reported apart from the mean.
         server_optimizer: how the server turns the clients' weighted mean into the next global model
             (:mod:`harmofl.server`: ``FedAvg`` by default, ``FedAvgM``, ``FedAdam``, ``FedYogi``).
         local_modules: module types whose weights each client keeps local and never sends (FedBN-style):
@@ -93,6 +95,7 @@ class FederatedTrainer(Trainer):
         local_steps: Optional[int] = None,
         client_weighting: aggregation.ClientWeighting = "uniform",
         clients_per_round: Optional[Union[int, float]] = None,
+        held_out_clients: Optional[list[str]] = None,
         server_optimizer: Optional[ServerOptimizer] = None,
         local_modules: Optional[list[str]] = None,
         accelerator: str = "auto",
@@ -129,6 +132,7 @@ class FederatedTrainer(Trainer):
         self.local_steps = local_steps
         self.client_weighting = client_weighting
         self.clients_per_round = clients_per_round
+        self.held_out = list(held_out_clients or [])
         self.server_optimizer = server_optimizer or FedAvg()
         self.local_module_types = aggregation.resolve_module_types(local_modules or [])
         self.seed = seed
@@ -220,12 +224,12 @@ class FederatedTrainer(Trainer):
         self.fabric.call("on_fit_end", trainer=self, pl_module=self.module)
         self.fabric.call("teardown", trainer=self, pl_module=self.module, stage="fit")
         best = reporting.results_at_round(self.history, self.best_round, ("val", "test")) if self.best_round else {}
-        result = reporting.summary(self.rounds, self.best_round, best)
+        result = reporting.summary(self.rounds, self.best_round, best, self.held_out)
         if self.is_global_zero and best:
             # Once per fit, not per round: a plot costs more than a small model's round of bookkeeping, and
             # metrics.csv (and the loggers) already follow the run live.
             reporting.plot_convergence(self.history, self.module.primary_metric, self._root_dir / "convergence.png")
-            reporting.print_results_table(f"Best round {self.best_round} of {self.rounds}", best)
+            reporting.print_results_table(f"Best round {self.best_round} of {self.rounds}", best, self.held_out)
         self._finish()
         return result
 
@@ -307,15 +311,16 @@ class FederatedTrainer(Trainer):
     def participants(self, round_idx: int) -> list[str]:
         """The clients that train in round ``round_idx``: all, or a sample drawn from (seed, round) alone, so
         that every process, and a resumed run, draws the same."""
+        training = [client for client in self.client_names if client not in self.held_out]
         if self.clients_per_round is None:
-            return list(self.client_names)
-        count = len(self.client_names)
+            return training
+        count = len(training)
         if isinstance(self.clients_per_round, float):
             wanted = math.ceil(self.clients_per_round * count)
         else:
             wanted = min(self.clients_per_round, count)
         chosen = random.Random(f"participation/{self.seed}/{round_idx}").sample(range(count), wanted)
-        return [self.client_names[index] for index in sorted(chosen)]
+        return [training[index] for index in sorted(chosen)]
 
     def _aggregate(self, update_sum: dict[str, Tensor], total_weight: float) -> None:
         """One all-reduce of the processes' weighted sums; the server optimizer turns the mean into the model."""
@@ -367,9 +372,9 @@ class FederatedTrainer(Trainer):
 
     def _end_round(self, round_idx: int, results: dict[str, dict[str, dict[str, float]]]) -> None:
         round_number = round_idx + 1
-        rows = reporting.history_rows(round_number, results)
+        rows = reporting.history_rows(round_number, results, self.held_out)
         self.history.extend(rows)
-        score = reporting.mean_over_clients(results)["val"][self.module.primary_metric]
+        score = reporting.mean_over_clients(results, self.held_out)["val"][self.module.primary_metric]
         improved = score > self.best_score
         if improved:
             self.best_round, self.best_score = round_number, score
@@ -389,7 +394,8 @@ class FederatedTrainer(Trainer):
     def _write_outputs(self) -> None:
         reporting.write_metrics_csv(self.history, self._root_dir / "metrics.csv")
         best = reporting.results_at_round(self.history, self.best_round, ("val", "test"))
-        reporting.write_json(reporting.summary(self.rounds, self.best_round, best), self._root_dir / "summary.json")
+        summary = reporting.summary(self.rounds, self.best_round, best, self.held_out)
+        reporting.write_json(summary, self._root_dir / "summary.json")
 
     # -- client state --------------------------------------------------------------------------------------
 
@@ -427,6 +433,12 @@ class FederatedTrainer(Trainer):
             raise ValueError(
                 f"trainer.devices={self.world_size} exceeds the {len(self.client_names)} clients: "
                 f"use at most {len(self.client_names)} devices."
+            )
+        unknown = sorted(set(self.held_out) - set(self.client_names))
+        if unknown or len(self.held_out) >= len(self.client_names):
+            raise ValueError(
+                f"trainer.held_out_clients={self.held_out} must name clients of the data ({self.client_names}) and "
+                f"leave at least one to train{f'; unknown: {unknown}' if unknown else ''}."
             )
         self.my_clients = self.client_names[self.global_rank :: self.world_size]
         counts = [datamodule.num_samples(client, "train") for client in self.client_names]
@@ -515,9 +527,9 @@ class FederatedTrainer(Trainer):
         path = self._resolve_checkpoint(ckpt_path)
         rounds = self._restore(path, with_optimizers=False)
         results = self._ordered(self._evaluate_clients((split,)))
-        result = reporting.summary(rounds, self.best_round, results)
+        result = reporting.summary(rounds, self.best_round, results, self.held_out)
         if self.is_global_zero:
-            reporting.print_results_table(f"{split} metrics of {path}", results)
+            reporting.print_results_table(f"{split} metrics of {path}", results, self.held_out)
             reporting.write_json(result, path.parent / f"{split}_summary.json")
         self.fabric.call("teardown", trainer=self, pl_module=self.module, stage=split)
         self._finish()

@@ -222,3 +222,34 @@ def test_partial_participation_trains_a_seeded_sample_and_averages_only_it(train
 def test_bad_participation_is_rejected():
     with pytest.raises(ValueError, match="clients_per_round"):
         FederatedTrainer(clients_per_round=1.5, enable_progress_bar=False)
+
+
+def test_local_training_keeps_every_module_local(trainer_kwargs):
+    recorder = Recorder()
+    trainer = FederatedTrainer(rounds=2, local_modules=["Module"], callbacks=[recorder], **trainer_kwargs)
+    model = tiny_classifier()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.fit(model, tiny_histology())
+    assert trainer.local_keys == set(initial)
+    for key, value in initial.items():
+        assert torch.equal(trainer.global_state[key], value)
+    for client in ("site_0", "site_1"):
+        for key, value in recorder.trained[(1, client)].items():
+            assert torch.equal(trainer.client_records[client].local_state[key], value)
+
+
+def test_held_out_site_never_trains_and_is_reported_apart(trainer_kwargs):
+    recorder = Recorder()
+    trainer = FederatedTrainer(rounds=2, held_out_clients=["site_2"], callbacks=[AmplitudeHarmonization(), recorder],
+                               **trainer_kwargs)
+    summary = trainer.fit(tiny_classifier(), tiny_histology(num_sites=3))
+    assert {client for _, client in recorder.trained} == {"site_0", "site_1"}
+    assert set(summary["clients"]) == {"site_0", "site_1"} and set(summary["held_out"]) == {"site_2"}
+    accuracies = [summary["clients"][client]["test"]["accuracy"] for client in ("site_0", "site_1")]
+    assert summary["mean"]["test"]["accuracy"] == pytest.approx(sum(accuracies) / 2)
+    tested = FederatedTrainer(held_out_clients=["site_2"], callbacks=[AmplitudeHarmonization()], **trainer_kwargs).test(
+        tiny_classifier(), tiny_histology(num_sites=3)
+    )
+    assert tested["held_out"]["site_2"]["test"] == summary["held_out"]["site_2"]["test"]
+    with pytest.raises(ValueError, match="site_9"):
+        FederatedTrainer(held_out_clients=["site_9"], **trainer_kwargs).fit(tiny_classifier(), tiny_histology())

@@ -1,0 +1,169 @@
+"""``python cli.py compare``: every strategy × seed on the same data and splits, then one table.
+
+A strategy is a YAML overlay in ``configs/strategies/`` applied on top of the base config (HarmoFL as
+configured, FedAvg, FedBN, FedProx, FedAvgM, FedAdam, FedYogi, FedSAM, harmonization only, local
+training). Each run is a ``cli.py fit`` subprocess writing to ``<output>/<strategy>/seed_<seed>``; a
+finished run (same command) is reused, an interrupted one continues from its ``last.ckpt``. Outputs:
+``comparison.csv`` (strategy, seed, client, metric, value: test metrics at each run's best round),
+``comparison.md`` (mean ± std over seeds, best per column in bold) and ``comparison.png`` (mean
+validation metric per strategy over rounds, averaged over seeds).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from harmofl import reporting
+
+REPO = Path(__file__).resolve().parents[1]
+STRATEGY_DIR = REPO / "configs" / "strategies"
+DONE_FILE = "compare_done.json"
+
+
+def available_strategies() -> list[str]:
+    return sorted(path.stem for path in STRATEGY_DIR.glob("*.yaml"))
+
+
+def run_comparison(
+    config: Path = Path("configs/demo.yaml"),
+    strategies: str = "harmofl,fedavg,fedbn,fedprox,fedavgm,fedadam,fedyogi,fedsam,harmonization,local",
+    seeds: str = "0,1,2",
+    output_dir: Optional[Path] = None,
+    overrides: str = "",
+) -> Path:
+    """Run every strategy × seed on ``config`` and write comparison.csv / .md / .png.
+
+    Args:
+        config: the base configuration (data, model, trainer); HarmoFL as configured there.
+        strategies: comma-separated names of ``configs/strategies/*.yaml``.
+        seeds: comma-separated seeds (``seed_everything`` of each run).
+        output_dir: where runs and results go; default ``runs/compare_<config name>``.
+        overrides: extra ``cli.py fit`` arguments for every run, e.g. ``"--trainer.rounds 5"``.
+
+    Returns:
+        The output folder.
+    """
+    names = [name.strip() for name in strategies.split(",") if name.strip()]
+    unknown = [name for name in names if not (STRATEGY_DIR / f"{name}.yaml").is_file()]
+    if unknown or not names:
+        raise ValueError(f"Unknown strategies {unknown or names}; available: {available_strategies()}.")
+    seed_values = [int(seed) for seed in seeds.split(",") if seed.strip()]
+    if not seed_values:
+        raise ValueError(f"Give at least one seed, got {seeds!r}.")
+    output = Path(output_dir or Path("runs") / f"compare_{Path(config).stem}")
+    extra = shlex.split(overrides)
+    runs = {
+        (name, seed): _run(Path(config), name, seed, output / name / f"seed_{seed}", extra)
+        for name in names for seed in seed_values
+    }
+    summaries = {key: json.loads((run / "summary.json").read_text()) for key, run in runs.items()}
+    histories = {key: reporting.read_metrics_csv(run / "metrics.csv") for key, run in runs.items()}
+    metric = _primary_metric(summaries)
+    _write_csv(summaries, output / "comparison.csv")
+    (output / "comparison.md").write_text(_markdown(summaries, names, metric, Path(config), seeds, overrides))
+    _plot(histories, names, metric, output / "comparison.png")
+    print((output / "comparison.md").read_text())
+    return output
+
+
+def _run(config: Path, strategy: str, seed: int, run_dir: Path, extra: list[str]) -> Path:
+    """One ``cli.py fit`` subprocess, unless the same command already finished in ``run_dir``."""
+    command = [sys.executable, str(REPO / "cli.py"), "fit", "--config", str(config),
+               "--config", str(STRATEGY_DIR / f"{strategy}.yaml"), "--seed_everything", str(seed),
+               "--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false", *extra]
+    done = run_dir / DONE_FILE
+    if done.is_file() and json.loads(done.read_text()).get("command") == command[1:]:
+        print(f"reusing {run_dir}")
+        return run_dir
+    resume = ["--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")]
+    if not (run_dir / "checkpoints" / "last.ckpt").is_file() or done.is_file():
+        resume = []  # nothing to continue, or a finished run of another command: start over
+    print(f"running {strategy} seed {seed} -> {run_dir}", flush=True)
+    result = subprocess.run([*command, *resume], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{strategy} (seed {seed}) failed:\n{result.stderr[-4000:]}")
+    done.write_text(json.dumps({"command": command[1:]}) + "\n")
+    return run_dir
+
+
+def _primary_metric(summaries: dict[tuple[str, int], dict[str, Any]]) -> str:
+    test_metrics = next(iter(summaries.values()))["mean"]["test"]
+    return "accuracy" if "accuracy" in test_metrics else next(iter(test_metrics))
+
+
+def _write_csv(summaries: dict[tuple[str, int], dict[str, Any]], path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["strategy", "seed", "client", "metric", "value"])
+        for (strategy, seed), summary in summaries.items():
+            clients = {**{c: s["test"] for c, s in summary["clients"].items()}, reporting.MEAN: summary["mean"]["test"]}
+            for client, metrics in clients.items():
+                for name, value in metrics.items():
+                    writer.writerow([strategy, seed, client, name, value])
+
+
+def _markdown(summaries: dict[tuple[str, int], dict[str, Any]], names: list[str], metric: str, config: Path,
+              seeds: str, overrides: str) -> str:
+    """Per-client and mean test ``metric``: mean ± std over seeds, the best mean per column in bold."""
+    clients = [*next(iter(summaries.values()))["clients"], reporting.MEAN]
+
+    def values(strategy: str, client: str) -> list[float]:
+        return [
+            (s["mean"]["test"] if client == reporting.MEAN else s["clients"][client]["test"])[metric]
+            for (name, _), s in summaries.items() if name == strategy
+        ]
+
+    means = {(name, client): statistics.fmean(values(name, client)) for name in names for client in clients}
+    best = {client: max(means[(name, client)] for name in names) for client in clients}
+    lines = [
+        f"Test {metric} at each run's best round (mean ± std over seeds {seeds}); best per column in bold.",
+        "",
+        f"Command: `python cli.py compare --config {config} --strategies {','.join(names)} --seeds {seeds}"
+        + (f" --overrides '{overrides}'" if overrides else "") + "`",
+        "",
+        "| strategy | " + " | ".join(clients) + " |",
+        "|---" * (len(clients) + 1) + "|",
+    ]
+    for name in names:
+        cells = []
+        for client in clients:
+            samples = values(name, client)
+            spread = statistics.stdev(samples) if len(samples) > 1 else 0.0
+            cell = f"{means[(name, client)]:.3f} ± {spread:.3f}"
+            cells.append(f"**{cell}**" if means[(name, client)] == best[client] else cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(histories: dict[tuple[str, int], list[dict[str, Any]]], names: list[str], metric: str, path: Path) -> None:
+    """Mean validation ``metric`` over clients per round, averaged over seeds, one line per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name in names:
+        by_round: dict[int, list[float]] = {}
+        for (strategy, _), rows in histories.items():
+            if strategy == name:
+                for row in rows:
+                    if row["client"] == reporting.MEAN and row["split"] == "val" and metric in row:
+                        by_round.setdefault(row["round"], []).append(row[metric])
+        rounds = sorted(by_round)
+        axis.plot(rounds, [statistics.fmean(by_round[r]) for r in rounds], label=name,
+                  linewidth=2.5 if name == "harmofl" else 1.2)
+    axis.set_xlabel("round")
+    axis.set_ylabel(f"mean val {metric}")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small", ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
