@@ -33,7 +33,7 @@ def available_strategies() -> list[str]:
 
 def run_comparison(
     config: Path = Path("configs/demo.yaml"),
-    strategies: str = "harmofl,fedavg,fedbn,fedprox,fedavgm,fedadam,fedyogi,fedsam,harmonization,local",
+    strategies: str = "harmofl,fedavg,fedbn,fedprox,fednova,fedavgm,fedadam,fedyogi,fedsam,harmonization,local",
     seeds: str = "0,1,2",
     output_dir: Optional[Path] = None,
     overrides: str = "",

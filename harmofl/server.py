@@ -6,7 +6,8 @@ pseudo-gradient ``Δ = mean_k(θ_k) − θ``:
 - :class:`FedAvg`: ``θ ← θ + η·Δ`` (``η = 1``: the weighted mean itself, McMahan et al. 2017);
 - :class:`FedAvgM`: ``m ← β·m + Δ``, ``θ ← θ + η·m`` (server momentum, Hsu et al. 2019);
 - :class:`FedAdam`: ``m ← β₁m + (1−β₁)Δ``, ``v ← β₂v + (1−β₂)Δ²``, ``θ ← θ + η·m / (√v + τ)``;
-- :class:`FedYogi`: as FedAdam with ``v ← v − (1−β₂)·Δ²·sign(v − Δ²)``.
+- :class:`FedYogi`: as FedAdam with ``v ← v − (1−β₂)·Δ²·sign(v − Δ²)``;
+- :class:`FedNova`: normalized averaging by each client's number of local steps (Wang et al. 2020).
 
 Moments start at ``m = 0`` and ``v = τ²`` (the paper's ``v₋₁ ≥ τ²``). Every floating-point key is updated
 (weights and float buffers alike, as Flower's strategies do); integer buffers take the clients' mean.
@@ -14,7 +15,8 @@ Moments start at ``m = 0`` and ``v = τ²`` (the paper's ``v₋₁ ≥ τ²``). 
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -22,16 +24,28 @@ from torch import Tensor
 StateDict = Mapping[str, Tensor]
 
 
-class ServerOptimizer:
-    """Base class: :meth:`step` maps (global state, clients' weighted mean) to the next global state."""
+@dataclass(frozen=True)
+class Contribution:
+    """What the server knows of one participant's round: its aggregation weight and its local steps."""
 
-    def step(self, global_state: StateDict, client_mean: StateDict) -> dict[str, Tensor]:
-        new_state = dict(client_mean)
-        for key, mean in client_mean.items():
-            if mean.is_floating_point():
-                current = global_state[key]
-                new_state[key] = self.update(key, current, mean.to(current) - current)
-        return new_state
+    weight: float
+    num_steps: int
+
+
+class ServerOptimizer:
+    """Base class: :meth:`step` maps (global state, clients' weighted mean) to the next global state.
+
+    The mean the server receives weighs client ``k`` by ``weight_k · aggregation_factor(steps_k)``.
+    """
+
+    def aggregation_factor(self, num_steps: int) -> float:
+        """Multiplier of a client's aggregation weight, from its number of local steps (1 for most)."""
+        return 1.0
+
+    def step(
+        self, global_state: StateDict, client_mean: StateDict, contributions: Sequence[Contribution] = ()
+    ) -> dict[str, Tensor]:
+        return _apply(global_state, client_mean, self.update)
 
     def update(self, key: str, current: Tensor, pseudo_gradient: Tensor) -> Tensor:
         """The next value of one floating-point entry."""
@@ -51,12 +65,56 @@ class FedAvg(ServerOptimizer):
         _check_positive("lr", lr)
         self.lr = lr
 
-    def step(self, global_state: StateDict, client_mean: StateDict) -> dict[str, Tensor]:
+    def step(
+        self, global_state: StateDict, client_mean: StateDict, contributions: Sequence[Contribution] = ()
+    ) -> dict[str, Tensor]:
         # lr 1 returns the mean itself rather than θ + (mean − θ), which can differ in the last bit.
-        return dict(client_mean) if self.lr == 1.0 else super().step(global_state, client_mean)
+        return dict(client_mean) if self.lr == 1.0 else super().step(global_state, client_mean, contributions)
 
     def update(self, key: str, current: Tensor, pseudo_gradient: Tensor) -> Tensor:
         return current + self.lr * pseudo_gradient
+
+
+class FedNova(ServerOptimizer):
+    """Normalized averaging (Wang et al., NeurIPS 2020): clients that ran more local steps do not dominate.
+
+    Client ``k`` ran ``τ_k`` steps of SGD with momentum ``ρ``; its update is normalized by
+    ``a_k = τ_k`` (``ρ = 0``) or ``a_k = (τ_k − ρ(1 − ρ^τ_k)/(1 − ρ)) / (1 − ρ)``, and the server steps
+    ``θ ← θ − τ_eff · Σ_k p_k (θ − θ_k)/a_k`` with ``p_k`` the normalized weights and ``τ_eff = Σ_k p_k a_k``.
+    With equal steps everywhere this is FedAvg.
+
+    Args:
+        momentum: the clients' SGD momentum ``ρ`` (0.9 in the reference Camelyon17 protocol).
+    """
+
+    def __init__(self, momentum: float = 0.0) -> None:
+        _check_unit_interval("momentum", momentum)
+        self.momentum = momentum
+
+    def normalizer(self, num_steps: int) -> float:
+        """``a_k``: the norm of the client's accumulated local-step coefficients."""
+        if num_steps < 1:
+            raise ValueError(f"FedNova needs every participant to run >= 1 local step, got {num_steps}.")
+        rho = self.momentum
+        if rho == 0:
+            return float(num_steps)
+        return (num_steps - rho * (1 - rho**num_steps) / (1 - rho)) / (1 - rho)
+
+    def aggregation_factor(self, num_steps: int) -> float:
+        # The server receives Σ w_k/a_k · θ_k / Σ w_k/a_k; `step` rescales the move towards it.
+        return 1.0 / self.normalizer(num_steps)
+
+    def step(
+        self, global_state: StateDict, client_mean: StateDict, contributions: Sequence[Contribution] = ()
+    ) -> dict[str, Tensor]:
+        if not contributions:
+            raise ValueError("FedNova needs the participants' weights and local steps.")
+        total = sum(c.weight for c in contributions)
+        tau_effective = sum(c.weight * self.normalizer(c.num_steps) for c in contributions) / total
+        normalized_total = sum(c.weight * self.aggregation_factor(c.num_steps) for c in contributions) / total
+        # θ − τ_eff Σ p_k (θ − θ_k)/a_k = θ + τ_eff · (Σ p_k/a_k) · (mean_{w/a} − θ)
+        coefficient = tau_effective * normalized_total
+        return _apply(global_state, client_mean, lambda key, current, delta: current + coefficient * delta)
 
 
 class _MomentServerOptimizer(ServerOptimizer):
@@ -124,6 +182,18 @@ class FedYogi(FedAdam):
 
     def second_moment(self, second: Tensor, squared: Tensor) -> None:
         second.sub_((1.0 - self.beta2) * squared * torch.sign(second - squared))
+
+
+def _apply(
+    global_state: StateDict, client_mean: StateDict, update: Callable[[str, Tensor, Tensor], Tensor]
+) -> dict[str, Tensor]:
+    """``update(key, θ, Δ)`` on every floating-point key; integer buffers take the clients' mean."""
+    new_state = dict(client_mean)
+    for key, mean in client_mean.items():
+        if mean.is_floating_point():
+            current = global_state[key]
+            new_state[key] = update(key, current, mean.to(current) - current)
+    return new_state
 
 
 def _check_positive(name: str, value: float) -> None:

@@ -39,7 +39,7 @@ from harmofl.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
 from harmofl.clients.base import FederatedClient
 from harmofl.data.base import FederatedDataModule, Split
 from harmofl.distributed import all_gather_objects, all_reduce_sum_
-from harmofl.server import FedAvg, ServerOptimizer
+from harmofl.server import Contribution, FedAvg, ServerOptimizer
 from harmofl.strategy import ClientParallelStrategy
 
 SUPPORTED_PRECISION = ("32-true", "bf16-mixed")
@@ -74,7 +74,7 @@ class FederatedTrainer(Trainer):
         held_out_clients: clients that never train nor send anything (leave-site-out): every round they
             evaluate the global model with the shared amplitude target, reported apart from the mean.
         server_optimizer: how the server turns the clients' weighted mean into the next global model
-            (:mod:`harmofl.server`: ``FedAvg`` by default, ``FedAvgM``, ``FedAdam``, ``FedYogi``).
+            (:mod:`harmofl.server`: ``FedAvg`` by default, ``FedAvgM``, ``FedAdam``, ``FedYogi``, ``FedNova``).
         local_modules: module types whose weights each client keeps local and never sends (FedBN-style):
             ``norm`` for every normalization layer, or ``torch.nn`` class names such as ``BatchNorm2d``.
         accelerator: ``cpu``, ``gpu``/``cuda`` or ``auto``.
@@ -259,12 +259,15 @@ class FederatedTrainer(Trainer):
         update_sum = aggregation.weighted_sum([], [], like)
         participants = self.participants(round_idx)
         train_results: dict[str, dict[str, dict[str, float]]] = {}
+        contributions: dict[str, Contribution] = {}
         for client in (c for c in self.my_clients if c in participants):
-            loss = self._train_client(client, round_idx)
-            aggregation.add_weighted_(update_sum, self.module.state_dict(), self.client_weight[client])
+            loss, num_steps = self._train_client(client, round_idx)
+            contributions[client] = Contribution(self.client_weight[client], num_steps)
+            factor = self.server_optimizer.aggregation_factor(num_steps)
+            aggregation.add_weighted_(update_sum, self.module.state_dict(), self.client_weight[client] * factor)
             train_results[client] = {"train": {"loss": loss}}
             self._store_client(client)
-        self._aggregate(update_sum, sum(self.client_weight[c] for c in participants))
+        self._aggregate(update_sum, all_gather_objects(self.fabric, contributions))
         self.fabric.call("on_aggregate", trainer=self, pl_module=self.module, round_idx=round_idx)
         results = self._evaluate_clients(("val", "test"))
         for part in all_gather_objects(self.fabric, train_results):
@@ -272,8 +275,8 @@ class FederatedTrainer(Trainer):
                 results[client] = {**splits, **results[client]}
         self._end_round(round_idx, self._ordered(results))
 
-    def _train_client(self, client: str, round_idx: int) -> float:
-        """Local training of one client from the global weights; returns its mean unperturbed loss."""
+    def _train_client(self, client: str, round_idx: int) -> tuple[float, int]:
+        """Local training of one client from the global weights; returns its mean unperturbed loss and steps."""
         self.current_client = client
         self._load_client(client, with_optimizer=True)
         client_seed = _derive_seed(self.seed, round_idx, self.client_names.index(client))
@@ -294,7 +297,7 @@ class FederatedTrainer(Trainer):
                              batch_idx=batch_idx)
         mean_loss = (loss_sum / max(num_batches, 1)).item()
         self.fabric.call("on_train_client_end", trainer=self, pl_module=self.module, client=client, loss=mean_loss)
-        return mean_loss
+        return mean_loss, num_batches
 
     def _training_batches(self, loader: Any, num_batches: int) -> Iterator[Any]:
         """``num_batches`` batches: whole epochs, or a fixed number of steps cycling the loader."""
@@ -322,12 +325,15 @@ class FederatedTrainer(Trainer):
         chosen = random.Random(f"participation/{self.seed}/{round_idx}").sample(range(count), wanted)
         return [training[index] for index in sorted(chosen)]
 
-    def _aggregate(self, update_sum: dict[str, Tensor], total_weight: float) -> None:
+    def _aggregate(self, update_sum: dict[str, Tensor], gathered: list[dict[str, Contribution]]) -> None:
         """One all-reduce of the processes' weighted sums; the server optimizer turns the mean into the model."""
         all_reduce_sum_(self.fabric, update_sum)
+        contributions = {client: c for part in gathered for client, c in part.items()}
+        ordered = [contributions[client] for client in self.client_names if client in contributions]
+        total_weight = sum(c.weight * self.server_optimizer.aggregation_factor(c.num_steps) for c in ordered)
         shared = {key: self.global_state[key] for key in update_sum}
         client_mean = aggregation.mean_from_sum(update_sum, total_weight, shared)
-        self.global_state.update(self.server_optimizer.step(shared, client_mean))
+        self.global_state.update(self.server_optimizer.step(shared, client_mean, ordered))
 
     def aggregate_client_values(self, values: Mapping[str, Mapping[str, Tensor]]) -> Optional[dict[str, Tensor]]:
         """Weighted mean, over every client of every process, of small per-client tensors (amplitude targets).

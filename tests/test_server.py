@@ -67,3 +67,34 @@ def test_moments_round_trip_through_state_dict():
 def test_bad_settings_are_rejected(make):
     with pytest.raises(ValueError, match="Server optimizer"):
         make()
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_fednova_is_normalized_averaging_of_wang_et_al(momentum):
+    from harmofl.server import Contribution, FedNova
+
+    x = _states(0)
+    clients = [_states(1), _states(2), _states(3)]
+    contributions = [Contribution(weight=1.0, num_steps=2), Contribution(weight=2.0, num_steps=5),
+                     Contribution(weight=1.0, num_steps=9)]
+    optimizer = FedNova(momentum=momentum)
+
+    def a(tau):  # the paper's normalizer for SGD with momentum rho
+        return tau if momentum == 0 else (tau - momentum * (1 - momentum**tau) / (1 - momentum)) / (1 - momentum)
+
+    p = [c.weight / 4.0 for c in contributions]
+    tau_eff = sum(pk * a(c.num_steps) for pk, c in zip(p, contributions))
+    expected = x["w"] - tau_eff * sum(pk * (x["w"] - y["w"]) / a(c.num_steps)
+                                      for pk, y, c in zip(p, clients, contributions))
+    # What the orchestrator hands the server: the mean weighted by weight x aggregation_factor(steps).
+    factors = [c.weight * optimizer.aggregation_factor(c.num_steps) for c in contributions]
+    mean = {"w": sum(f * y["w"] for f, y in zip(factors, clients)) / sum(factors), "n": torch.tensor(7)}
+    torch.testing.assert_close(optimizer.step(x, mean, contributions)["w"], expected)
+
+
+def test_fednova_with_equal_steps_is_fedavg():
+    from harmofl.server import Contribution, FedNova
+
+    x, means = _rounds()
+    same = [Contribution(1.0, 4), Contribution(3.0, 4)]
+    torch.testing.assert_close(FedNova(momentum=0.9).step(x, means[0], same)["w"], means[0]["w"])

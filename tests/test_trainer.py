@@ -253,3 +253,41 @@ def test_held_out_site_never_trains_and_is_reported_apart(trainer_kwargs):
     assert tested["held_out"]["site_2"]["test"] == summary["held_out"]["site_2"]["test"]
     with pytest.raises(ValueError, match="site_9"):
         FederatedTrainer(held_out_clients=["site_9"], **trainer_kwargs).fit(tiny_classifier(), tiny_histology())
+
+
+def test_fednova_normalizes_by_each_clients_local_steps(trainer_kwargs):
+    from torch.utils.data import Subset
+
+    from harmofl.data import FederatedDataModule
+    from harmofl.server import Contribution, FedNova
+
+    class Uneven(FederatedDataModule):
+        """site_1 keeps half of its training data: 1 local step against site_0's 2."""
+
+        def __init__(self):
+            super().__init__(batch_size=8)
+            self.inner = tiny_histology()
+
+        @property
+        def client_names(self):
+            return self.inner.client_names
+
+        def setup(self, stage=None):
+            self.inner.setup()
+            self._datasets = {(c, s): self.inner.dataset(c, s) for c in self.client_names for s in ("val", "test")}
+            self._datasets[("site_0", "train")] = self.inner.dataset("site_0", "train")
+            self._datasets[("site_1", "train")] = Subset(self.inner.dataset("site_1", "train"), range(8))
+
+    recorder = Recorder()
+    model = tiny_classifier()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = FederatedTrainer(rounds=1, server_optimizer=FedNova(momentum=0.9), callbacks=[recorder], **trainer_kwargs)
+    trainer.fit(model, Uneven())
+    contributions = [Contribution(1.0, 2), Contribution(1.0, 1)]
+    server = FedNova(momentum=0.9)
+    factors = [server.aggregation_factor(c.num_steps) for c in contributions]
+    mean = weighted_average([recorder.trained[(0, c)] for c in ("site_0", "site_1")], factors)
+    expected = server.step(start, mean, contributions)
+    for key, value in expected.items():
+        torch.testing.assert_close(trainer.global_state[key], value, atol=1e-6, rtol=0)
+    assert sum(1 for _ in recorder.losses) == 3
