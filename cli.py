@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Union
 
-from jsonargparse import CLI
+from jsonargparse import ArgumentParser
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from harmofl.clients import FederatedClient
@@ -51,8 +51,11 @@ def _trainer_seed(seed_everything: Union[bool, int]) -> int:
 
 def main() -> None:
     if sys.argv[1:2] == ["compare"]:
-        # Many fits side by side: a typed function of its own, not a trainer method.
-        CLI(run_comparison, args=sys.argv[2:])
+        # Many fits side by side: a typed function of its own, not a trainer method. A plain parser, because
+        # jsonargparse's CLI() would take `--config` for its own config-file option.
+        parser = ArgumentParser(prog="cli.py compare", description=run_comparison.__doc__)
+        parser.add_function_arguments(run_comparison)
+        run_comparison(**parser.parse_args(sys.argv[2:]).as_dict())
         return
     HarmoFLCLI(
         model_class=FederatedClient,

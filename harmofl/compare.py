@@ -32,10 +32,10 @@ def available_strategies() -> list[str]:
 
 
 def run_comparison(
-    config: Path = Path("configs/demo.yaml"),
+    config: str = "configs/demo.yaml",
     strategies: str = "harmofl,fedavg,fedbn,fedprox,fednova,fedavgm,fedadam,fedyogi,fedsam,harmonization,local",
     seeds: str = "0,1,2",
-    output_dir: Optional[Path] = None,
+    output_dir: Optional[str] = None,
     overrides: str = "",
 ) -> Path:
     """Run every strategy × seed on ``config`` and write comparison.csv / .md / .png.

@@ -51,7 +51,8 @@ def test_unknown_strategy_is_rejected_with_the_available_ones(tmp_path):
         compare.run_comparison(strategies="harmofl,fedmagic", output_dir=tmp_path)
 
 
-def test_compare_through_the_cli(tmp_path):
-    run_cli("compare", "--config", "configs/demo.yaml", "--strategies", "local", "--seeds", "3",
+def test_compare_through_the_cli_uses_the_given_config(tmp_path):
+    run_cli("compare", "--config", "configs/demo_seg.yaml", "--strategies", "local", "--seeds", "3",
             "--output_dir", str(tmp_path), "--overrides", TINY)
-    assert "| local |" in (tmp_path / "comparison.md").read_text()
+    table = (tmp_path / "comparison.md").read_text()
+    assert "| local |" in table and "Test dice" in table and "--config configs/demo_seg.yaml" in table
