@@ -39,11 +39,14 @@ def client_weights(sample_counts: Sequence[int], weighting: ClientWeighting) -> 
     raise ValueError(f"Unknown client weighting {weighting!r}; expected 'uniform' or 'samples'.")
 
 
-def weighted_sum(states: Sequence[StateDict], weights: Sequence[float], like: StateDict) -> dict[str, Tensor]:
-    """``Σ_k w_k·θ_k`` for every key of ``like``, in float64 on ``like``'s devices (zeros when no states)."""
+def weighted_sum(
+    states: Sequence[StateDict], weights: Sequence[float], like: StateDict, device: Optional[torch.device] = None
+) -> dict[str, Tensor]:
+    """``Σ_k w_k·θ_k`` for every key of ``like``, in float64 on ``device`` (default: ``like``'s devices);
+    zeros when no states."""
     if len(states) != len(weights):
         raise ValueError(f"Got {len(states)} client states but {len(weights)} weights.")
-    summed = {key: torch.zeros_like(value, dtype=torch.float64) for key, value in like.items()}
+    summed = {key: torch.zeros_like(value, dtype=torch.float64, device=device) for key, value in like.items()}
     for state, weight in zip(states, weights):
         add_weighted_(summed, state, weight)
     return summed

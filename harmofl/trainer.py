@@ -254,9 +254,8 @@ class FederatedTrainer(Trainer):
     def _run_round(self, round_idx: int) -> None:
         self.current_round = round_idx
         self.fabric.call("on_round_start", trainer=self, pl_module=self.module, round_idx=round_idx)
-        shared_keys = [key for key in self.global_state if key not in self.local_keys]
-        like = {key: self.global_state[key].to(self.fabric.device) for key in shared_keys}
-        update_sum = aggregation.weighted_sum([], [], like)
+        shared = {key: value for key, value in self.global_state.items() if key not in self.local_keys}
+        update_sum = aggregation.weighted_sum([], [], shared, device=self.fabric.device)
         participants = self.participants(round_idx)
         train_results: dict[str, dict[str, dict[str, float]]] = {}
         contributions: dict[str, Contribution] = {}
