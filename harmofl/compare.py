@@ -144,12 +144,7 @@ def _markdown(summaries: dict[tuple[str, int], dict[str, Any]], names: list[str]
 
 def _plot(histories: dict[tuple[str, int], list[dict[str, Any]]], names: list[str], metric: str, path: Path) -> None:
     """Mean validation ``metric`` over clients per round, averaged over seeds, one line per strategy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[tuple[int, float]]] = {}
     for name in names:
         by_round: dict[int, list[float]] = {}
         for (strategy, _), rows in histories.items():
@@ -157,13 +152,5 @@ def _plot(histories: dict[tuple[str, int], list[dict[str, Any]]], names: list[st
                 for row in rows:
                     if row["client"] == reporting.MEAN and row["split"] == "val" and metric in row:
                         by_round.setdefault(row["round"], []).append(row[metric])
-        rounds = sorted(by_round)
-        axis.plot(rounds, [statistics.fmean(by_round[r]) for r in rounds], label=name,
-                  linewidth=2.5 if name == "harmofl" else 1.2)
-    axis.set_xlabel("round")
-    axis.set_ylabel(f"mean val {metric}")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize="small", ncol=2)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+        series[name] = [(r, statistics.fmean(values)) for r, values in sorted(by_round.items())]
+    reporting.plot_lines(series, f"mean val {metric}", path, emphasized="harmofl")

@@ -97,23 +97,31 @@ def write_json(data: Mapping[str, Any], path: Path) -> None:
 
 def plot_convergence(rows: Sequence[Mapping[str, Any]], metric: str, path: Path, split: str = "val") -> None:
     """Per-client (thin) and mean (thick) ``metric`` on ``split`` over rounds."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        if row["split"] == split and metric in row and not math.isnan(float(row[metric])):
+            series.setdefault(str(row["client"]), []).append((int(row["round"]), float(row[metric])))
+    plot_lines(series, f"{split} {metric}", path, emphasized=MEAN)
+
+
+def plot_lines(
+    series: Mapping[str, Sequence[tuple[int, float]]], ylabel: str, path: Path, emphasized: Optional[str] = None
+) -> None:
+    """One line per name over rounds; the ``emphasized`` one thick, black, with markers, drawn last."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and CI
     import matplotlib.pyplot as plt
 
-    series: dict[str, list[tuple[int, float]]] = {}
-    for row in rows:
-        if row["split"] == split and metric in row and not math.isnan(float(row[metric])):
-            series.setdefault(str(row["client"]), []).append((int(row["round"]), float(row[metric])))
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for client, points in sorted(series.items(), key=lambda item: item[0] == MEAN):
+    for name, points in sorted(series.items(), key=lambda item: item[0] == emphasized):
         rounds, values = zip(*sorted(points))
-        is_mean = client == MEAN
-        axis.plot(rounds, values, marker="o" if is_mean else None, linewidth=2.5 if is_mean else 1.0,
-                  color="black" if is_mean else None, alpha=1.0 if is_mean else 0.8, label=client)
+        if name == emphasized:
+            axis.plot(rounds, values, marker="o", linewidth=2.5, color="black", label=name)
+        else:
+            axis.plot(rounds, values, linewidth=1.0, alpha=0.8, label=name)
     axis.set_xlabel("round")
-    axis.set_ylabel(f"{split} {metric}")
+    axis.set_ylabel(ylabel)
     axis.grid(alpha=0.3)
     axis.legend(fontsize="small", ncol=2)
     figure.tight_layout()

@@ -9,11 +9,10 @@ from typing import Literal, Optional
 import numpy as np
 
 from harmofl.data.base import Split
-from harmofl.data.files import BadSamplePolicy, DataError, require_dir, require_file
+from harmofl.data.files import BadSamplePolicy, DataError, check_fractions, require_dir, require_file
 from harmofl.data.folders import (
     ClientFiles,
     ImageFileFederation,
-    check_fractions,
     encode_paths,
     read_csv,
     read_header,

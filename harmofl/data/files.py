@@ -44,6 +44,21 @@ def require_file(path: str | Path, what: str) -> Path:
     return file
 
 
+def check_bad_sample_policy(policy: str) -> BadSamplePolicy:
+    if policy not in ("error", "skip"):
+        raise ValueError(f"data.on_bad_sample must be 'error' or 'skip', got {policy!r}.")
+    return policy  # type: ignore[return-value]
+
+
+def check_fractions(fractions: Sequence[float], name: str, allow_empty: bool = True) -> tuple[float, float, float]:
+    """Three train/val/test fractions summing to 1; each ``> 0`` unless ``allow_empty``."""
+    smallest = min(fractions, default=-1.0)
+    if len(fractions) != 3 or smallest < 0 or (smallest == 0 and not allow_empty) or abs(sum(fractions) - 1) > 1e-6:
+        kind = ">= 0" if allow_empty else "> 0"
+        raise ValueError(f"data.{name} must be 3 fractions (train, val, test) {kind} summing to 1, got {fractions}.")
+    return (float(fractions[0]), float(fractions[1]), float(fractions[2]))
+
+
 def find_site_folders(root: Path, sites: Optional[Sequence[str]], layout: str) -> list[str]:
     """The site (client) folders under ``root``: ``sites`` in their order (each must exist), else every
     non-hidden subfolder, sorted. ``layout`` says what a site folder holds, for the error messages."""
@@ -120,8 +135,7 @@ def keep_good_samples(
     policy: BadSamplePolicy,
 ) -> tuple[list[Sample], int]:
     """Check every sample before training; raise on the first bad one, or drop the bad ones and count them."""
-    if policy not in ("error", "skip"):
-        raise ValueError(f"data.on_bad_sample must be 'error' or 'skip', got {policy!r}.")
+    check_bad_sample_policy(policy)
     good: list[Sample] = []
     skipped = 0
     for sample in samples:

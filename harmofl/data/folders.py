@@ -36,6 +36,8 @@ from harmofl.data.base import SPLITS, FederatedDataModule, Split
 from harmofl.data.files import (
     BadSamplePolicy,
     DataError,
+    check_bad_sample_policy,
+    check_fractions,
     find_site_folders,
     image_is_intact,
     keep_good_samples,
@@ -197,12 +199,6 @@ def rows_by_code(codes: np.ndarray) -> dict[Split, np.ndarray]:
     return {split: np.flatnonzero(codes == code) for code, split in enumerate(SPLITS)}
 
 
-def check_fractions(fractions: Sequence[float], name: str) -> Fractions:
-    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError(f"data.{name} must be 3 fractions (train, val, test) >= 0 summing to 1, got {fractions}.")
-    return (float(fractions[0]), float(fractions[1]), float(fractions[2]))
-
-
 @dataclass(frozen=True)
 class ClientFiles:
     """One client's labelled files and, per split, the indices of its rows in order."""
@@ -245,8 +241,6 @@ class ImageFileFederation(FederatedDataModule):
             raise ValueError(f"data.channels must be 1 (grey) or 3 (RGB), got {channels}.")
         if max_per_split is not None and max_per_split < 1:
             raise ValueError(f"data.max_per_split must be >= 1 or null (no cap), got {max_per_split}.")
-        if on_bad_sample not in ("error", "skip"):
-            raise ValueError(f"data.on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}.")
         if seed < 0:
             raise ValueError(f"data.seed must be >= 0, got {seed}.")
         self.image_size = image_size
@@ -254,7 +248,7 @@ class ImageFileFederation(FederatedDataModule):
         self.max_per_split = max_per_split
         self.truncate_to_smallest = truncate_to_smallest
         self.verify_images = verify_images
-        self.on_bad_sample = on_bad_sample
+        self.on_bad_sample = check_bad_sample_policy(on_bad_sample)
         self.seed = seed
         self.skipped: dict[str, int] = {}
         self._clients: list[str] = []

@@ -40,6 +40,8 @@ from harmofl.data.base import SPLITS, FederatedDataModule, Split
 from harmofl.data.files import (
     BadSamplePolicy,
     DataError,
+    check_bad_sample_policy,
+    check_fractions,
     find_site_folders,
     keep_good_samples,
     named_generator,
@@ -219,12 +221,6 @@ class ProstateMRI(FederatedDataModule):
             raise ValueError(f"data.image_size must be >= 1 pixel, got {image_size}.")
         if split_mode not in ("patient", "slice"):
             raise ValueError(f"data.split_mode must be 'patient' or 'slice', got {split_mode!r}.")
-        if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1.0) > 1e-6:
-            raise ValueError(
-                f"data.fractions must be 3 positive (train, val, test) fractions summing to 1, got {fractions}."
-            )
-        if on_bad_sample not in ("error", "skip"):
-            raise ValueError(f"data.on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}.")
         if max_slices_per_split is not None and max_slices_per_split < 1:
             raise ValueError(f"data.max_slices_per_split must be >= 1 or null, got {max_slices_per_split}.")
         self.root = Path(root).expanduser()
@@ -235,10 +231,11 @@ class ProstateMRI(FederatedDataModule):
         self.intensity_scale = intensity_scale
         self.image_size = image_size
         self.split_mode = split_mode
-        self.fractions = fractions
+        # Every split needs at least one case: no fraction may be 0.
+        self.fractions = check_fractions(fractions, "fractions", allow_empty=False)
         self.seed = seed
         self.cache_dir = cache_dir
-        self.on_bad_sample = on_bad_sample
+        self.on_bad_sample = check_bad_sample_policy(on_bad_sample)
         self.max_slices_per_split = max_slices_per_split
         self.skipped: dict[str, int] = {}
         self._client_names: Optional[list[str]] = None

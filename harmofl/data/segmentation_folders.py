@@ -57,6 +57,8 @@ from harmofl.data.files import (
     IMAGE_SUFFIXES,
     BadSamplePolicy,
     DataError,
+    check_bad_sample_policy,
+    check_fractions,
     find_site_folders,
     keep_good_samples,
     named_generator,
@@ -202,21 +204,17 @@ class SegmentationFolders(FederatedDataModule):
         if magnifications is not None and min([*magnifications.values(), target_magnification]) <= 0:
             raise ValueError(f"data.magnifications and data.target_magnification must be > 0, got "
                              f"{magnifications} and {target_magnification}.")
-        if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1.0) > 1e-6:
-            raise ValueError(f"data.fractions must be three fractions > 0 (train, val, test) summing to 1, "
-                             f"got {fractions}.")
         if max_patches_per_split is not None and max_patches_per_split < 1:
             raise ValueError(f"data.max_patches_per_split must be >= 1 or null, got {max_patches_per_split}.")
-        if on_bad_sample not in ("error", "skip"):
-            raise ValueError(f"data.on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}.")
         self.root = Path(root).expanduser()
         self.sites = sites
         self.patch_size = patch_size
         self.magnifications = magnifications
         self.target_magnification = target_magnification
-        self.fractions = tuple(fractions)
+        # Every split must be able to hold images: no fraction may be 0.
+        self.fractions = check_fractions(fractions, "fractions", allow_empty=False)
         self.max_patches_per_split = max_patches_per_split
-        self.on_bad_sample = on_bad_sample
+        self.on_bad_sample = check_bad_sample_policy(on_bad_sample)
         self.seed = seed
         #: Bad pairs left out per site (``on_bad_sample="skip"``), filled by :meth:`setup`.
         self.skipped: dict[str, int] = {}
