@@ -2,5 +2,6 @@
 
 from callbacks.harmonization import PRESETS, AmplitudeHarmonization
 from callbacks.progress import RoundProgressBar
+from callbacks.scaffold import Scaffold
 
-__all__ = ["PRESETS", "AmplitudeHarmonization", "RoundProgressBar"]
+__all__ = ["PRESETS", "AmplitudeHarmonization", "RoundProgressBar", "Scaffold"]

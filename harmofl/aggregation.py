@@ -8,6 +8,7 @@ clients are added does not change the float32 result in practice.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Literal, Mapping, Optional, Sequence
 
 import torch
@@ -84,6 +85,36 @@ def weighted_average(
     selected = list(states[0]) if keys is None else list(keys)
     like = {key: states[0][key] for key in selected}
     return mean_from_sum(weighted_sum(states, weights, like), float(sum(weights)), like)
+
+
+def coordinate_median(states: Sequence[StateDict], like: StateDict) -> dict[str, Tensor]:
+    """The coordinate-wise median of client states over the keys of ``like`` (robust to a minority of outliers;
+    an even count takes the mean of the two middle values). Client weights do not apply."""
+    return _mean_of_middle(states, (len(states) - 1) // 2, like)
+
+
+def trimmed_mean(states: Sequence[StateDict], trim_ratio: float, like: StateDict) -> dict[str, Tensor]:
+    """Coordinate-wise mean after dropping the ``floor(trim_ratio·n)`` largest and smallest values of every
+    coordinate (Yin et al. 2018); client weights do not apply."""
+    if not 0.0 <= trim_ratio < 0.5:
+        raise ValueError(f"trim_ratio must be in [0, 0.5), got {trim_ratio}.")
+    return _mean_of_middle(states, math.floor(trim_ratio * len(states) + 1e-9), like)
+
+
+def _mean_of_middle(states: Sequence[StateDict], dropped: int, like: StateDict) -> dict[str, Tensor]:
+    """Per coordinate, the mean of the values left after dropping the ``dropped`` smallest and largest; integer
+    buffers are rounded."""
+    if not states:
+        raise ValueError("Cannot aggregate zero client states.")
+    kept = slice(dropped, len(states) - dropped)
+    center: dict[str, Tensor] = {}
+    for key, reference in like.items():
+        stacked = torch.stack([state[key].to(device=reference.device, dtype=torch.float64) for state in states])
+        value = stacked.sort(dim=0).values[kept].mean(dim=0)
+        if not reference.is_floating_point():
+            value = value.round()
+        center[key] = value.to(reference.dtype)
+    return center
 
 
 def resolve_module_types(names: Sequence[str]) -> tuple[type[nn.Module], ...]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 import torch
 
@@ -15,15 +16,10 @@ FORMAT_VERSION = 1
 
 
 def atomic_torch_save(data: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        temporary = Path(handle.name)
-    try:
-        torch.save(data, temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over ``path``: a crash at
+    any moment leaves either the previous file or the new one, never a truncated one."""
+    with _atomic_file(path) as handle:
+        torch.save(data, handle)
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -33,13 +29,36 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
 
 def copy_checkpoint(source: Path, destination: Path) -> None:
     """Atomically copy a checkpoint file (``last.ckpt`` to ``best.ckpt``)."""
-    with tempfile.NamedTemporaryFile(dir=destination.parent, prefix=f".{destination.name}.", delete=False) as handle:
+    with _atomic_file(destination) as handle, source.open("rb") as original:
+        shutil.copyfileobj(original, handle)
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
+    """A temporary file to write ``path``'s new content into; on success it is flushed to disk and renamed over
+    ``path`` (the rename made durable too), and what killed writers left behind is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.name}.tmp."
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=prefix, delete=False) as handle:
         temporary = Path(handle.name)
+        try:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
     try:
-        shutil.copyfile(source, temporary)
-        os.replace(temporary, destination)
+        os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    for stale in path.parent.glob(f"{prefix}*"):
+        stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """``python cli.py compare``: every strategy × seed on the same data and splits, then one table.
 
 A strategy is a YAML overlay in ``configs/strategies/`` applied on top of the base config (HarmoFL as
-configured, FedAvg, FedBN, FedProx, FedAvgM, FedAdam, FedYogi, FedSAM, harmonization only, local
-training). Each run is a ``cli.py fit`` subprocess writing to ``<output>/<strategy>/seed_<seed>``; a
-finished run (same command) is reused, an interrupted one continues from its ``last.ckpt``. Outputs:
+configured, FedAvg, FedBN, FedProx, FedNova, FedAvgM, FedAdam, FedYogi, SCAFFOLD, MOON, FedSAM,
+harmonization only, local training, pooled centralized training). Each run is a ``cli.py fit``
+subprocess writing to ``<output>/<strategy>/seed_<seed>``; a finished run (same command) is reused, an
+interrupted one continues from its ``last.ckpt``. Outputs:
 ``comparison.csv`` (strategy, seed, client, metric, value: test metrics at each run's best round),
 ``comparison.md`` (mean ± std over seeds, best per column in bold) and ``comparison.png`` (mean
 validation metric per strategy over rounds, averaged over seeds).
@@ -25,6 +26,9 @@ from harmofl import reporting
 REPO = Path(__file__).resolve().parents[1]
 STRATEGY_DIR = REPO / "configs" / "strategies"
 DONE_FILE = "compare_done.json"
+DEFAULT_STRATEGIES = (
+    "harmofl,fedavg,fedbn,fedprox,fednova,fedavgm,fedadam,fedyogi,scaffold,moon,fedsam,harmonization,local,pooled"
+)
 
 
 def available_strategies() -> list[str]:
@@ -33,7 +37,7 @@ def available_strategies() -> list[str]:
 
 def run_comparison(
     config: str = "configs/demo.yaml",
-    strategies: str = "harmofl,fedavg,fedbn,fedprox,fednova,fedavgm,fedadam,fedyogi,fedsam,harmonization,local",
+    strategies: str = DEFAULT_STRATEGIES,
     seeds: str = "0,1,2",
     output_dir: Optional[str] = None,
     overrides: str = "",

@@ -31,27 +31,33 @@ from lightning.fabric import Fabric
 from lightning.fabric.loggers import Logger
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from harmofl import aggregation, reporting
+from harmofl import aggregation, reporting, validation
 from harmofl.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
 from harmofl.clients.base import FederatedClient
 from harmofl.data.base import FederatedDataModule, Split
 from harmofl.distributed import all_gather_objects, all_reduce_sum_
-from harmofl.server import Contribution, FedAvg, ServerOptimizer
+from harmofl.server import Contribution, FedAvg, FedNova, ServerOptimizer
 from harmofl.strategy import ClientParallelStrategy
 
 SUPPORTED_PRECISION = ("32-true", "bf16-mixed")
 EVAL_HOOKS = {"val": ("on_validation_batch_start", "validation_step"), "test": ("on_test_batch_start", "test_step")}
 
 
+#: The one client of pooled (centralized) training, which trains on every training client's data.
+POOLED_CLIENT = "pooled"
+
+
 @dataclass
 class ClientRecord:
-    """What a client keeps between rounds, on the host: its local keys, its optimizer state."""
+    """What a client keeps between rounds, on the host: its local keys, its optimizer state, and the module's
+    per-client state (:meth:`~harmofl.clients.base.FederatedClient.persistent_client_state`: MOON's last model)."""
 
     local_state: dict[str, Tensor] = field(default_factory=dict)
     optimizer_state: Optional[dict[str, Any]] = None
+    module_state: dict[str, Any] = field(default_factory=dict)
 
 
 class FederatedTrainer(Trainer):
@@ -77,6 +83,23 @@ class FederatedTrainer(Trainer):
             (:mod:`harmofl.server`: ``FedAvg`` by default, ``FedAvgM``, ``FedAdam``, ``FedYogi``, ``FedNova``).
         local_modules: module types whose weights each client keeps local and never sends (FedBN-style):
             ``norm`` for every normalization layer, or ``torch.nn`` class names such as ``BatchNorm2d``.
+        pool_clients: centralized training, the upper reference: one client named ``pooled`` trains on the union
+            of the training clients' data (a round is ``local_epochs`` over it); every client evaluates it.
+        client_failure: what a client's failed local training (an exception, a NaN/Inf loss, an update the
+            server refuses) does after its retries: ``raise`` stops the run; ``skip`` reports the client by name
+            and round and aggregates the others (weights renormalized).
+        client_retries: how many times a failed client's training is retried from the same start and seed
+            (a transient fault then changes nothing).
+        min_clients: the fewest clients whose updates a round needs; with fewer the run stops with an error,
+            its last checkpoint intact and resumable.
+        max_update_distance: a bound on ``‖θ_k − θ‖₂``, the distance of a client's update from the global model
+            (:mod:`harmofl.validation`); None: unbounded. Every update is also checked for its keys, shapes,
+            dtypes and finite values.
+        update_distance_policy: ``clip`` scales an update beyond the bound back onto it; ``reject`` refuses it
+            (a client failure).
+        aggregator: ``mean`` (weighted, then the server optimizer), or a robust center for untrusted sites:
+            ``median`` or ``trimmed_mean`` (coordinate-wise, unweighted; the server optimizer still applies).
+        trim_ratio: the fraction of largest and of smallest values ``trimmed_mean`` drops per coordinate.
         accelerator: ``cpu``, ``gpu``/``cuda`` or ``auto``.
         devices: processes, one per device; clients are spread over them. Must not exceed the clients.
         precision: ``32-true`` or ``bf16-mixed``. ``16-mixed`` is refused: the hand-written two-pass step
@@ -98,6 +121,14 @@ class FederatedTrainer(Trainer):
         held_out_clients: Optional[list[str]] = None,
         server_optimizer: Optional[ServerOptimizer] = None,
         local_modules: Optional[list[str]] = None,
+        pool_clients: bool = False,
+        client_failure: Literal["raise", "skip"] = "raise",
+        client_retries: int = 0,
+        min_clients: int = 1,
+        max_update_distance: Optional[float] = None,
+        update_distance_policy: validation.NormPolicy = "clip",
+        aggregator: Literal["mean", "median", "trimmed_mean"] = "mean",
+        trim_ratio: float = 0.1,
         accelerator: str = "auto",
         devices: int = 1,
         precision: Literal["32-true", "bf16-mixed"] = "32-true",
@@ -127,6 +158,27 @@ class FederatedTrainer(Trainer):
                 f"trainer.clients_per_round must be an int >= 1 (clients per round) or a float in (0, 1] (a "
                 f"fraction of the clients), got {clients_per_round!r}."
             )
+        if pool_clients and (local_modules or clients_per_round is not None):
+            raise ValueError(
+                "trainer.pool_clients trains one model on every client's data: it cannot keep modules local "
+                f"(local_modules={local_modules}) or sample clients (clients_per_round={clients_per_round}); "
+                "remove those settings."
+            )
+        _check_choice("trainer.client_failure", client_failure, ("raise", "skip"))
+        _check_choice("trainer.update_distance_policy", update_distance_policy, ("clip", "reject"))
+        _check_choice("trainer.aggregator", aggregator, ("mean", "median", "trimmed_mean"))
+        _check_positive("trainer.min_clients", min_clients)
+        if client_retries < 0:
+            raise ValueError(f"trainer.client_retries must be >= 0, got {client_retries}.")
+        if max_update_distance is not None and max_update_distance <= 0:
+            raise ValueError(f"trainer.max_update_distance must be > 0 or null (no bound), got {max_update_distance}.")
+        if not 0.0 <= trim_ratio < 0.5:
+            raise ValueError(f"trainer.trim_ratio must be in [0, 0.5), got {trim_ratio}.")
+        if aggregator != "mean" and isinstance(server_optimizer, FedNova):
+            raise ValueError(
+                f"trainer.aggregator={aggregator!r} cannot serve FedNova, whose normalization is a weighted mean: "
+                "use aggregator: mean, or another server optimizer."
+            )
         self.rounds = rounds
         self.local_epochs = local_epochs
         self.local_steps = local_steps
@@ -135,6 +187,14 @@ class FederatedTrainer(Trainer):
         self.held_out = list(held_out_clients or [])
         self.server_optimizer = server_optimizer or FedAvg()
         self.local_module_types = aggregation.resolve_module_types(local_modules or [])
+        self.pool_clients = pool_clients
+        self.client_failure = client_failure
+        self.client_retries = client_retries
+        self.min_clients = min_clients
+        self.max_update_distance = max_update_distance
+        self.update_distance_policy = update_distance_policy
+        self.aggregator = aggregator
+        self.trim_ratio = trim_ratio
         self.seed = seed
         self._root_dir = Path(default_root_dir or "runs/harmofl")
         callback_list = [callbacks] if isinstance(callbacks, Callback) else list(callbacks or [])
@@ -159,6 +219,8 @@ class FederatedTrainer(Trainer):
         self.history: list[dict[str, Any]] = []
         self.best_round: Optional[int] = None
         self.best_score = float("-inf")
+        #: Client failures so far: ``{"round", "client", "error"}`` (rounds from 1), in the checkpoint and summary.
+        self.failures: list[dict[str, Any]] = []
 
     # -- properties Trainer-style callbacks (e.g. LightningCLI's SaveConfigCallback) read ----------------
 
@@ -223,8 +285,8 @@ class FederatedTrainer(Trainer):
             self._run_round(round_idx)
         self.fabric.call("on_fit_end", trainer=self, pl_module=self.module)
         self.fabric.call("teardown", trainer=self, pl_module=self.module, stage="fit")
-        best = reporting.results_at_round(self.history, self.best_round, ("val", "test")) if self.best_round else {}
-        result = reporting.summary(self.rounds, self.best_round, best, self.held_out)
+        result = self._best_round_summary()
+        best = {**result["clients"], **result.get("held_out", {})}
         if self.is_global_zero and best:
             # Once per fit, not per round: a plot costs more than a small model's round of bookkeeping, and
             # metrics.csv (and the loggers) already follow the run live.
@@ -256,31 +318,94 @@ class FederatedTrainer(Trainer):
         self.fabric.call("on_round_start", trainer=self, pl_module=self.module, round_idx=round_idx)
         shared = {key: value for key, value in self.global_state.items() if key not in self.local_keys}
         update_sum = aggregation.weighted_sum([], [], shared, device=self.fabric.device)
+        updates: dict[str, dict[str, Tensor]] = {}  # robust aggregators need every update, not their sum
         participants = self.participants(round_idx)
         train_results: dict[str, dict[str, dict[str, float]]] = {}
         contributions: dict[str, Contribution] = {}
-        for client in (c for c in self.my_clients if c in participants):
-            loss, num_steps = self._train_client(client, round_idx)
+        failures: dict[str, str] = {}
+        for client in (c for c in self.my_trainees if c in participants):
+            outcome = self._train_client_under_policy(client, round_idx, shared)
+            if isinstance(outcome, str):
+                failures[client] = outcome
+                continue
+            loss, num_steps = outcome
             contributions[client] = Contribution(self.client_weight[client], num_steps)
-            factor = self.server_optimizer.aggregation_factor(num_steps)
-            aggregation.add_weighted_(update_sum, self.module.state_dict(), self.client_weight[client] * factor)
+            if self.aggregator == "mean":
+                factor = self.server_optimizer.aggregation_factor(num_steps)
+                aggregation.add_weighted_(update_sum, self.module.state_dict(), self.client_weight[client] * factor)
+            else:
+                state = self.module.state_dict()
+                updates[client] = {key: _to_host(state[key]) for key in shared}
             train_results[client] = {"train": {"loss": loss}}
             self._store_client(client)
-        self._aggregate(update_sum, all_gather_objects(self.fabric, contributions))
+        gathered = all_gather_objects(self.fabric, (contributions, failures, updates))
+        contributions = {client: c for part in gathered for client, c in part[0].items()}
+        self._record_failures(round_idx, {client: e for part in gathered for client, e in part[1].items()})
+        if len(contributions) < self.min_clients:
+            raise RuntimeError(
+                f"Only {len(contributions)} of {len(participants)} clients sent a valid update in round "
+                f"{round_idx + 1}, fewer than trainer.min_clients={self.min_clients}: {self.failures[-5:]}. The "
+                f"checkpoint of round {round_idx} is intact: fix the cause and continue with --ckpt_path last."
+            )
+        updates = {client: u for part in gathered for client, u in part[2].items()}
+        self._aggregate(update_sum, contributions, updates)
         self.fabric.call("on_aggregate", trainer=self, pl_module=self.module, round_idx=round_idx)
         results = self._evaluate_clients(("val", "test"))
         for part in all_gather_objects(self.fabric, train_results):
             for client, splits in part.items():
-                results[client] = {**splits, **results[client]}
+                results[client] = {**splits, **results.get(client, {})}
         self._end_round(round_idx, self._ordered(results))
 
-    def _train_client(self, client: str, round_idx: int) -> tuple[float, int]:
-        """Local training of one client from the global weights; returns its mean unperturbed loss and steps."""
+    def _train_client_under_policy(
+        self, client: str, round_idx: int, shared: Mapping[str, Tensor]
+    ) -> Union[tuple[float, int], str]:
+        """:meth:`_train_client` under the failure policy: (loss, steps), or the error when the client is skipped.
+
+        A retry starts again from the same global weights, client state and seed; callbacks' state of the
+        client (its amplitude target, its control variate) is rolled back first.
+        """
+        tolerant = self.client_retries > 0 or self.client_failure == "skip"
+        saved = {cb.state_key: copy.deepcopy(cb.client_state_dict(client))
+                 for cb in self._client_state_callbacks()} if tolerant else {}
+        for attempt in range(self.client_retries + 1):
+            try:
+                return self._train_client(client, round_idx, shared)
+            except Exception as error:  # any fault of one client's training; KeyboardInterrupt is not caught
+                for cb in self._client_state_callbacks() if saved else ():
+                    cb.load_client_state_dict(client, copy.deepcopy(saved[cb.state_key]))
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()  # an out-of-memory client must not starve the next one
+                description = f"{type(error).__name__}: {error}"
+                where = f"Client {client!r} failed in round {round_idx + 1} (attempt {attempt + 1})"
+                if attempt < self.client_retries:
+                    rank_zero_warn(f"{where}: {description}. Retrying.")
+                elif self.client_failure == "raise":
+                    error.add_note(f"{where}. Set trainer.client_failure: skip to continue without a failing client.")
+                    raise
+                else:
+                    return description
+        raise AssertionError("unreachable")  # the last attempt returns or raises
+
+    def _record_failures(self, round_idx: int, failures: Mapping[str, str]) -> None:
+        for client in self._ordered(failures):
+            self.failures.append({"round": round_idx + 1, "client": client, "error": failures[client]})
+            rank_zero_warn(
+                f"Client {client!r} failed in round {round_idx + 1} and is left out of this round's aggregation: "
+                f"{failures[client]}"
+            )
+
+    def _train_client(self, client: str, round_idx: int, shared: Mapping[str, Tensor]) -> tuple[float, int]:
+        """Local training of one client from the global weights (``shared``: the keys it sends); returns its
+        mean unperturbed loss and steps, with its update checked (and bounded) in the module."""
         self.current_client = client
         self._load_client(client, with_optimizer=True)
-        client_seed = _derive_seed(self.seed, round_idx, self.client_names.index(client))
+        client_seed = _derive_seed(self.seed, round_idx, self.trainee_names.index(client))
         torch.manual_seed(client_seed)
-        loader = self.datamodule.dataloader(client, "train", generator=torch.Generator().manual_seed(client_seed))
+        generator = torch.Generator().manual_seed(client_seed)
+        if client == POOLED_CLIENT:
+            loader = self.datamodule.pooled_dataloader(self.client_names_training, generator=generator)
+        else:
+            loader = self.datamodule.dataloader(client, "train", generator=generator)
         num_batches = self.local_steps or self.local_epochs * len(loader)
         self.module.train()
         self.fabric.call("on_train_client_start", trainer=self, pl_module=self.module, client=client,
@@ -295,6 +420,9 @@ class FederatedTrainer(Trainer):
             self.fabric.call("on_train_batch_end", trainer=self, pl_module=self.module, outputs=loss, batch=batch,
                              batch_idx=batch_idx)
         mean_loss = (loss_sum / max(num_batches, 1)).item()
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"Client {client!r} had a non-finite training loss ({mean_loss}).")
+        self._check_update(shared)
         self.fabric.call("on_train_client_end", trainer=self, pl_module=self.module, client=client, loss=mean_loss)
         return mean_loss, num_batches
 
@@ -310,10 +438,20 @@ class FederatedTrainer(Trainer):
                 if produced == num_batches:
                     return
 
+    @property
+    def client_names_training(self) -> list[str]:
+        """The clients whose data trains: every client not held out."""
+        return [client for client in self.client_names if client not in self.held_out]
+
+    @property
+    def trainee_names(self) -> list[str]:
+        """Who trains and sends updates: the training clients, or the one pooled client (``pool_clients``)."""
+        return [POOLED_CLIENT] if self.pool_clients else self.client_names_training
+
     def participants(self, round_idx: int) -> list[str]:
-        """The clients that train in round ``round_idx``: all, or a sample drawn from (seed, round) alone, so
-        that every process, and a resumed run, draws the same."""
-        training = [client for client in self.client_names if client not in self.held_out]
+        """The trainees of round ``round_idx``: all, or a sample drawn from (seed, round) alone, so that every
+        process, and a resumed run, draws the same."""
+        training = self.trainee_names
         if self.clients_per_round is None:
             return training
         count = len(training)
@@ -324,15 +462,35 @@ class FederatedTrainer(Trainer):
         chosen = random.Random(f"participation/{self.seed}/{round_idx}").sample(range(count), wanted)
         return [training[index] for index in sorted(chosen)]
 
-    def _aggregate(self, update_sum: dict[str, Tensor], gathered: list[dict[str, Contribution]]) -> None:
-        """One all-reduce of the processes' weighted sums; the server optimizer turns the mean into the model."""
-        all_reduce_sum_(self.fabric, update_sum)
-        contributions = {client: c for part in gathered for client, c in part.items()}
-        ordered = [contributions[client] for client in self.client_names if client in contributions]
-        total_weight = sum(c.weight * self.server_optimizer.aggregation_factor(c.num_steps) for c in ordered)
+    def _check_update(self, shared: Mapping[str, Tensor]) -> None:
+        """The server's checks of the module's update (:mod:`harmofl.validation`); a clipped update replaces it."""
+        state = self.module.state_dict()
+        update = {key: state[key] for key in shared}
+        validation.check_update(update, shared)
+        if self.max_update_distance is not None:
+            bounded = validation.bound_update(update, shared, self.max_update_distance, self.update_distance_policy)
+            self.module.load_state_dict(bounded, strict=False)
+
+    def _aggregate(
+        self, update_sum: dict[str, Tensor], contributions: Mapping[str, Contribution],
+        updates: Mapping[str, Mapping[str, Tensor]],
+    ) -> None:
+        """The clients' center (one all-reduce of the processes' weighted sums, or a robust statistic of every
+        update); the server optimizer turns it into the model."""
+        ordered = [contributions[client] for client in self.trainee_names if client in contributions]
         shared = {key: self.global_state[key] for key in update_sum}
-        client_mean = aggregation.mean_from_sum(update_sum, total_weight, shared)
-        self.global_state.update(self.server_optimizer.step(shared, client_mean, ordered))
+        if self.aggregator == "mean":
+            all_reduce_sum_(self.fabric, update_sum)
+            total_weight = sum(c.weight * self.server_optimizer.aggregation_factor(c.num_steps) for c in ordered)
+            center = aggregation.mean_from_sum(update_sum, total_weight, shared)
+        else:
+            states = [updates[client] for client in self.trainee_names if client in updates]
+            center = (
+                aggregation.coordinate_median(states, shared)
+                if self.aggregator == "median"
+                else aggregation.trimmed_mean(states, self.trim_ratio, shared)
+            )
+        self.global_state.update(self.server_optimizer.step(shared, center, ordered))
 
     def aggregate_client_values(self, values: Mapping[str, Mapping[str, Tensor]]) -> Optional[dict[str, Tensor]]:
         """Weighted mean, over every client of every process, of small per-client tensors (amplitude targets).
@@ -398,9 +556,15 @@ class FederatedTrainer(Trainer):
 
     def _write_outputs(self) -> None:
         reporting.write_metrics_csv(self.history, self._root_dir / "metrics.csv")
-        best = reporting.results_at_round(self.history, self.best_round, ("val", "test"))
-        summary = reporting.summary(self.rounds, self.best_round, best, self.held_out)
-        reporting.write_json(summary, self._root_dir / "summary.json")
+        reporting.write_json(self._best_round_summary(), self._root_dir / "summary.json")
+
+    def _best_round_summary(self) -> dict[str, Any]:
+        """``summary.json``: the best round's metrics, and the client failures so far."""
+        best = reporting.results_at_round(self.history, self.best_round, ("val", "test")) if self.best_round else {}
+        result = reporting.summary(self.rounds, self.best_round, best, self.held_out)
+        if self.failures:
+            result["failures"] = self.failures
+        return result
 
     # -- client state --------------------------------------------------------------------------------------
 
@@ -411,12 +575,14 @@ class FederatedTrainer(Trainer):
         if with_optimizer:
             # A copy: on the CPU the optimizer would otherwise adopt (and mutate) the stored tensors.
             self.optimizer.load_state_dict(copy.deepcopy(record.optimizer_state or self.initial_optimizer_state))
+            self.module.load_persistent_client_state(record.module_state)
 
     def _store_client(self, client: str) -> None:
         state = self.module.state_dict()
         self.client_records[client] = ClientRecord(
             local_state={key: _to_host(state[key]) for key in self.local_keys},
             optimizer_state=_to_host(self.optimizer.state_dict()),
+            module_state=_to_host(self.module.persistent_client_state()),
         )
 
     # -- setup, checkpoints ----------------------------------------------------------------------------------
@@ -445,9 +611,20 @@ class FederatedTrainer(Trainer):
                 f"trainer.held_out_clients={self.held_out} must name clients of the data ({self.client_names}) and "
                 f"leave at least one to train{f'; unknown: {unknown}' if unknown else ''}."
             )
+        if self.pool_clients and POOLED_CLIENT in self.client_names:
+            raise ValueError(f"trainer.pool_clients names its client {POOLED_CLIENT!r}, which is already a site name.")
+        # Each process evaluates its clients and trains its trainees (the same clients, or rank 0 the pooled one).
         self.my_clients = self.client_names[self.global_rank :: self.world_size]
+        self.my_trainees = self.trainee_names[self.global_rank :: self.world_size]
+        if self.min_clients > len(self.participants(0)):
+            raise ValueError(
+                f"trainer.min_clients={self.min_clients} exceeds the {len(self.participants(0))} clients that train "
+                "each round: lower it."
+            )
         counts = [datamodule.num_samples(client, "train") for client in self.client_names]
         self.client_weight = dict(zip(self.client_names, aggregation.client_weights(counts, self.client_weighting)))
+        if self.pool_clients:
+            self.client_weight[POOLED_CLIENT] = 1.0
         self.fabric.call("setup", trainer=self, pl_module=model, stage=stage)
         model.setup(stage)
         self.module = model
@@ -461,11 +638,13 @@ class FederatedTrainer(Trainer):
     def _checkpoint_state(self, round_number: int) -> dict[str, Any]:
         """The whole federated state; client records and callback client states gathered from every process."""
         # A client that has not trained yet (partial participation) has an empty record.
-        records = {client: self.client_records.get(client, ClientRecord()) for client in self.my_clients}
+        holders = dict.fromkeys(self.my_clients + self.my_trainees)
+        records = {client: self.client_records.get(client, ClientRecord()) for client in holders}
         clients = {
             client: {
                 "local_state": record.local_state,
                 "optimizer_state": record.optimizer_state,
+                "module_state": record.module_state,
                 "callbacks": {cb.state_key: cb.client_state_dict(client) for cb in self._client_state_callbacks()},
             }
             for client, record in records.items()
@@ -480,10 +659,11 @@ class FederatedTrainer(Trainer):
             "best_score": self.best_score,
             "client_names": self.client_names,
             "global_state": self.global_state,
-            "clients": {client: gathered[client] for client in self.client_names},
+            "clients": {client: gathered[client] for client in self._ordered(gathered)},
             "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks if isinstance(cb, Callback)},
             "server_optimizer": self.server_optimizer.state_dict(),
             "history": self.history,
+            "failures": self.failures,
         }
 
     def _client_state_callbacks(self) -> list[Any]:
@@ -492,15 +672,22 @@ class FederatedTrainer(Trainer):
     def _restore(self, path: Path, with_optimizers: bool) -> int:
         """Load a federated checkpoint into this trainer; returns the number of completed rounds."""
         checkpoint = load_checkpoint(path)
-        missing = sorted(set(self.global_state) - set(checkpoint["global_state"]))
-        unexpected = sorted(set(checkpoint["global_state"]) - set(self.global_state))
-        if missing or unexpected:
+        try:
+            validation.check_update(checkpoint["global_state"], self.global_state)
+        except validation.InvalidUpdate as error:
             raise ValueError(
-                f"Checkpoint {str(path)!r} does not fit this model: missing keys {missing[:10]}, unexpected keys "
-                f"{unexpected[:10]}. Use the model configuration the checkpoint was trained with."
-            )
+                f"Checkpoint {str(path)!r} does not fit this model: {error}. Use the model configuration the "
+                "checkpoint was trained with."
+            ) from error
+        if with_optimizers:  # continuing a fit: the federation must be the one that was trained
+            trained = [c for c in checkpoint["clients"] if c != POOLED_CLIENT]
+            if trained != self.client_names:
+                raise ValueError(
+                    f"Checkpoint {str(path)!r} was trained with clients {trained}, the data has {self.client_names}: "
+                    "continue it with the same data configuration (`cli.py test` evaluates other sites)."
+                )
         self.global_state = checkpoint["global_state"]
-        for client in self.my_clients:
+        for client in dict.fromkeys(self.my_clients + self.my_trainees):
             saved = checkpoint["clients"].get(client)
             if saved is None:
                 rank_zero_info(f"Client {client!r} is not in {path}: it uses the global model and shared target.")
@@ -508,6 +695,7 @@ class FederatedTrainer(Trainer):
             self.client_records[client] = ClientRecord(
                 local_state=saved["local_state"],
                 optimizer_state=saved["optimizer_state"] if with_optimizers else None,
+                module_state=saved.get("module_state", {}),
             )
             for cb in self._client_state_callbacks():
                 if cb.state_key in saved["callbacks"]:
@@ -517,6 +705,7 @@ class FederatedTrainer(Trainer):
                 cb.load_state_dict(checkpoint["callbacks"][cb.state_key])
         self.server_optimizer.load_state_dict(checkpoint["server_optimizer"])
         self.history = list(checkpoint["history"])
+        self.failures = list(checkpoint.get("failures", []))
         self.best_round, self.best_score = checkpoint["best_round"], checkpoint["best_score"]
         return int(checkpoint["round"])
 
@@ -541,7 +730,8 @@ class FederatedTrainer(Trainer):
         return result
 
     def _ordered(self, results: Mapping[str, Any]) -> dict[str, Any]:
-        return {client: results[client] for client in self.client_names if client in results}
+        """``results`` in the clients' order, the pooled client last."""
+        return {client: results[client] for client in [*self.client_names, POOLED_CLIENT] if client in results}
 
     def _finish(self) -> None:
         self.fabric.barrier()
@@ -552,6 +742,11 @@ class FederatedTrainer(Trainer):
 def _check_positive(name: str, value: int) -> None:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}.")
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
 
 
 def _derive_seed(seed: int, round_idx: int, client_index: int) -> int:

@@ -69,6 +69,10 @@ def test_segmentation_demo_runs_through_the_cli(tmp_path):
         (["--trainer.roundz", "3"], "roundz"),
         (["--trainer.precision", "16-mixed"], "16-mixed"),
         (["--model.init_args.alpha", "-1"], "alpha"),
+        (["--trainer.rounds", "0"], "trainer.rounds"),
+        (["--trainer.rounds", "many"], "rounds"),
+        (["--trainer.client_failure", "ignore"], "client_failure"),
+        (["--data.init_args.batch_size", "0"], "batch_size"),
     ],
 )
 def test_bad_configuration_fails_before_training_with_the_key_named(tmp_path, override, named):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from abc import abstractmethod
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -12,6 +13,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
+from harmofl.contrastive import Tap, forward_with_representation, model_contrastive_loss
 from harmofl.models import use_batch_statistics
 from harmofl.perturbation import WeightPerturbation
 
@@ -22,9 +24,9 @@ _RUNNING_STAT_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked
 class FederatedClient(LightningModule):
     """Base class of the clients: manual optimization with :class:`~harmofl.perturbation.WeightPerturbation`.
 
-    Subclasses implement :meth:`create_network`, :meth:`compute_loss`, :meth:`build_metrics` and
-    :meth:`update_metrics`. One instance serves every client of a process: the orchestrator swaps each
-    client's weights and optimizer state in and out.
+    Subclasses implement :meth:`create_network`, :meth:`compute_loss`, :meth:`build_metrics`,
+    :meth:`update_metrics` and :meth:`representation_layer`. One instance serves every client of a process:
+    the orchestrator swaps each client's weights, optimizer state and :meth:`persistent_client_state` in and out.
 
     Args:
         backbone: the network's name, resolved by :meth:`create_network`; always random initialization.
@@ -35,6 +37,10 @@ class FederatedClient(LightningModule):
         alpha: the perturbation radius α; 0 turns the perturbation off (plain base-optimizer steps).
         proximal_mu: FedProx's μ: adds ``μ/2·‖w − w_start‖²`` to the local objective, ``w_start`` the weights
             local training started from (the global model); 0 turns it off. The logged loss excludes it.
+        contrastive_mu: MOON's μ: adds ``μ·ℓ_con`` (:mod:`harmofl.contrastive`) to the local objective, comparing
+            this model's representation with the global model's and with the client's previous local model's;
+            0 turns it off. The representation is read at :meth:`representation_layer`.
+        contrastive_temperature: MOON's temperature τ (0.5 in the MOON paper).
         max_grad_norm: clip the gradient used for the update to this global L2 norm.
         weights_path: a local file of initial weights (a state dict, or a dict with a ``state_dict`` key).
         batch_norm_stats: ``running`` keeps BatchNorm's running statistics for evaluation; ``batch``
@@ -53,6 +59,8 @@ class FederatedClient(LightningModule):
         optimizer: OptimizerCallable = torch.optim.SGD,
         alpha: float = 0.05,
         proximal_mu: float = 0.0,
+        contrastive_mu: float = 0.0,
+        contrastive_temperature: float = 0.5,
         max_grad_norm: Optional[float] = None,
         weights_path: Optional[str] = None,
         batch_norm_stats: Literal["running", "batch"] = "running",
@@ -60,6 +68,11 @@ class FederatedClient(LightningModule):
         super().__init__()
         if proximal_mu < 0:
             raise ValueError(f"model.proximal_mu (FedProx's mu) must be >= 0, got {proximal_mu}.")
+        if contrastive_mu < 0 or contrastive_temperature <= 0:
+            raise ValueError(
+                f"model.contrastive_mu (MOON's mu) must be >= 0 and model.contrastive_temperature > 0, got "
+                f"{contrastive_mu} and {contrastive_temperature}."
+            )
         if num_classes < 2:
             raise ValueError(f"model.num_classes must be >= 2 (with background for segmentation), got {num_classes}.")
         if batch_norm_stats not in ("running", "batch"):
@@ -70,7 +83,15 @@ class FederatedClient(LightningModule):
         self.optimizer_factory = optimizer
         self.alpha = alpha
         self.proximal_mu = proximal_mu
+        self.contrastive_mu = contrastive_mu
+        self.contrastive_temperature = contrastive_temperature
+        #: SCAFFOLD's ``c − c_i`` per parameter name, set by :class:`callbacks.Scaffold` for one client's training.
+        self.gradient_correction: Optional[dict[str, Tensor]] = None
         self._start_weights: Optional[list[Tensor]] = None
+        # MOON: frozen copies of the network (not submodules: never trained, saved or aggregated), and the
+        # weights the current client ended its previous round with.
+        self._reference_networks: dict[str, nn.Module] = {}
+        self._previous_weights: Optional[dict[str, Tensor]] = None
         self.max_grad_norm = max_grad_norm
         self.num_classes = num_classes
         self.model = self.create_network(backbone, num_classes=num_classes, in_chans=in_chans,
@@ -99,6 +120,10 @@ class FederatedClient(LightningModule):
     def update_metrics(self, metrics: MetricCollection, logits: Tensor, targets: Tensor) -> None:
         """Feed one batch's outputs to ``metrics``."""
 
+    @abstractmethod
+    def representation_layer(self) -> tuple[str, Tap]:
+        """Where MOON reads the representation: a submodule of ``self.model`` and its ``input`` or ``output``."""
+
     def forward(self, images: Tensor) -> Tensor:
         return self.model(images)
 
@@ -109,16 +134,71 @@ class FederatedClient(LightningModule):
         """Fired by the orchestrator as a client's local training starts, from the global weights."""
         if self.proximal_mu > 0:
             self._start_weights = [p.detach().clone() for p in self.parameters()]
+        if self.contrastive_mu > 0:
+            # Before any local training the previous local model is the global one (as in MOON's code).
+            self._load_reference("global", self.model.state_dict())
+            self._load_reference("previous", self._previous_weights or self.model.state_dict())
 
-    def local_objective(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """(objective to minimize, task loss): the task loss plus the client-side terms that are switched on."""
-        loss = self.compute_loss(self(images), targets)
-        if self.proximal_mu == 0:
-            return loss, loss
-        if self._start_weights is None:
-            raise RuntimeError("proximal_mu > 0 needs the starting weights: train this client with FederatedTrainer.")
-        squared_distance = sum(((p - s) ** 2).sum() for p, s in zip(self.parameters(), self._start_weights))
-        return loss + 0.5 * self.proximal_mu * squared_distance, loss
+    def on_train_client_end(self) -> None:
+        """Fired by the orchestrator as a client's local training ends."""
+        if self.contrastive_mu > 0:
+            self._previous_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def persistent_client_state(self) -> dict[str, Any]:
+        """What this module keeps for the current client between rounds (MOON: its last local weights)."""
+        return {"previous_weights": self._previous_weights} if self.contrastive_mu > 0 else {}
+
+    def load_persistent_client_state(self, state: dict[str, Any]) -> None:
+        """Set the current client's :meth:`persistent_client_state` (empty: the client never trained)."""
+        self._previous_weights = state.get("previous_weights")
+
+    def _load_reference(self, name: str, weights: dict[str, Tensor]) -> None:
+        if name not in self._reference_networks:
+            network = copy.deepcopy(self.model).eval()
+            network.requires_grad_(False)
+            self._reference_networks[name] = network
+        self._reference_networks[name].load_state_dict(weights)
+
+    def reference_representations(self, images: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+        """MOON's ``(z_glob, z_prev)`` of a batch; None when the contrastive term is off."""
+        if self.contrastive_mu == 0:
+            return None
+        if not self._reference_networks:
+            raise RuntimeError("contrastive_mu > 0 needs the global model: train this client with FederatedTrainer.")
+        with torch.no_grad():
+            return tuple(  # type: ignore[return-value]
+                forward_with_representation(self._reference_networks[name], images, *self.representation_layer())[1]
+                for name in ("global", "previous")
+            )
+
+    def local_objective(
+        self, images: Tensor, targets: Tensor, references: Optional[tuple[Tensor, Tensor]] = None
+    ) -> tuple[Tensor, Tensor]:
+        """(objective to minimize, task loss): the task loss plus the client-side terms that are switched on.
+
+        ``references`` are MOON's ``(z_glob, z_prev)`` for this batch (:meth:`reference_representations`).
+        """
+        if references is None:
+            logits = self(images)
+        else:
+            logits, representation = forward_with_representation(self.model, images, *self.representation_layer())
+        loss = self.compute_loss(logits, targets)
+        objective = loss
+        if self.proximal_mu > 0:
+            if self._start_weights is None:
+                raise RuntimeError(
+                    "proximal_mu > 0 needs the starting weights: train this client with FederatedTrainer."
+                )
+            squared_distance = sum(((p - s) ** 2).sum() for p, s in zip(self.parameters(), self._start_weights))
+            objective = objective + 0.5 * self.proximal_mu * squared_distance
+        if references is not None:
+            contrastive = model_contrastive_loss(representation, *references, self.contrastive_temperature)
+            objective = objective + self.contrastive_mu * contrastive
+        if self.gradient_correction is not None:
+            # ⟨c − c_i, w⟩ adds exactly SCAFFOLD's correction c − c_i to the gradient of every corrected parameter.
+            parameters = dict(self.named_parameters())
+            objective = objective + sum((parameters[name] * d).sum() for name, d in self.gradient_correction.items())
+        return objective, loss
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """One local step: backward at w, perturb, backward at w + δ, restore, base step.
@@ -127,7 +207,8 @@ class FederatedClient(LightningModule):
         """
         images, targets = batch
         optimizer = self.optimizers()
-        objective, loss = self.local_objective(images, targets)
+        references = self.reference_representations(images)
+        objective, loss = self.local_objective(images, targets, references)
         if not torch.isfinite(objective):
             raise FloatingPointError(
                 f"Non-finite training loss ({objective.item()}) at batch {batch_idx}: lower the learning rate, check "
@@ -136,7 +217,7 @@ class FederatedClient(LightningModule):
         self.manual_backward(objective)
         if optimizer.perturbs:
             optimizer.perturb()
-            self.manual_backward(self.local_objective(images, targets)[0])
+            self.manual_backward(self.local_objective(images, targets, references)[0])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()

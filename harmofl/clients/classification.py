@@ -12,6 +12,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, MulticlassAccuracy, MulticlassAUROC
 
 from harmofl.clients.base import FederatedClient
+from harmofl.contrastive import Tap
 from harmofl.models import create_classifier
 
 
@@ -42,6 +43,14 @@ class ClassificationClient(FederatedClient):
                 "auroc": MulticlassAUROC(self.num_classes, sync_on_compute=False),
             }
         return MetricCollection(metrics)
+
+    def representation_layer(self) -> tuple[str, Tap]:
+        # The classifier head's input: the pooled features (timm's pre-logits), as MOON uses.
+        head = self.model.get_classifier() if hasattr(self.model, "get_classifier") else self.model.classifier
+        name = next((name for name, module in self.model.named_modules() if module is head), None)
+        if not name:
+            raise ValueError(f"Cannot locate the classifier head of {type(self.model).__name__} for MOON.")
+        return name, "input"
 
     def compute_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(logits.float(), targets)

@@ -12,6 +12,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.segmentation import DiceScore
 
 from harmofl.clients.base import FederatedClient
+from harmofl.contrastive import Tap
 from harmofl.losses import ce_dice_loss
 from harmofl.models import create_segmenter
 
@@ -48,6 +49,10 @@ class SegmentationClient(FederatedClient):
                 sync_on_compute=False,
             )
         return MetricCollection({"dice": dice})
+
+    def representation_layer(self) -> tuple[str, Tap]:
+        # The deepest encoder features, averaged over space: the reference U-Net's bottleneck, smp's encoder.
+        return ("bottleneck" if hasattr(self.model, "bottleneck") else "encoder"), "output"
 
     def compute_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         return ce_dice_loss(logits, targets)

@@ -10,11 +10,11 @@ that owns them. Every batch is a pair ``(images, targets)``: ``images`` is a flo
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
@@ -70,8 +70,15 @@ class FederatedDataModule(LightningDataModule):
 
     def dataloader(self, client: str, split: Split, generator: Optional[torch.Generator] = None) -> DataLoader:
         """A loader over one client's split: shuffled with ``generator`` for training, in order otherwise."""
-        dataset = self.dataset(client, split)
-        training = split == "train"
+        return self._loader(self.dataset(client, split), split == "train", generator)
+
+    def pooled_dataloader(self, clients: Sequence[str], generator: Optional[torch.Generator] = None) -> DataLoader:
+        """A shuffled training loader over the union of ``clients``' training data (centralized training)."""
+        if not clients:
+            raise ValueError("Pooled training needs at least one client's training data.")
+        return self._loader(ConcatDataset([self.dataset(client, "train") for client in clients]), True, generator)
+
+    def _loader(self, dataset: Dataset, training: bool, generator: Optional[torch.Generator]) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size if training else self.eval_batch_size,

@@ -1,0 +1,209 @@
+"""Soak test of run integrity: many short rounds under random client faults and SIGKILLs, against a clean run.
+
+A worker (this file with ``--worker``) trains a small federation in one process: 4 demo sites, 3 sampled per
+round, 2 local steps each, paper-preset harmonization re-shared every round, SCAFFOLD control variates, FedAvgM
+server momentum, weight perturbation, ``client_retries=1``. Every piece of state a resume must restore is
+therefore live. Faults:
+
+- **client faults**: a callback raises at a random batch of a random share of (round, client) pairs, on the
+  first attempt only (a transient fault: a flaky disk, a preempted accelerator); the orchestrator retries the
+  client from the same start;
+- **kills**: the driver SIGKILLs the worker at a random moment after it has written a new checkpoint (some kills
+  land while a checkpoint is being written) and restarts it with ``--ckpt_path last.ckpt``, until it finishes.
+
+Then the final checkpoint (global weights, every client's record, callback and server state), ``metrics.csv``
+and ``summary.json`` are compared with those of a worker run without faults or kills. Both runs use one thread,
+so "equal" means bitwise.
+
+    python benchmarks/soak.py                     # 40 rounds, 6 kills, 20 % client faults: about 2 min
+    python benchmarks/soak.py --rounds 100 --kills 20 --fault_rate 0.3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ["OMP_NUM_THREADS"] = "1"  # bitwise comparisons need the same reduction order in both runs
+
+FAULT_PREFIX = "FAULT"
+
+
+def run_worker(root: Path, rounds: int, fault_rate: float, seed: int, resume: bool) -> None:
+    """One (possibly resumed) training run; prints a line per injected client fault."""
+    import functools
+
+    import torch
+    from lightning.pytorch import Callback
+
+    from callbacks import AmplitudeHarmonization, Scaffold
+    from harmofl import ClassificationClient, FederatedTrainer
+    from harmofl.data import DemoHistology
+    from harmofl.server import FedAvgM
+
+    class TransientFaults(Callback):
+        """Fails the first attempt of a seeded random share of (round, client) pairs, at a random batch."""
+
+        def __init__(self) -> None:
+            self.attempts: dict[tuple[int, str], int] = {}
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            key = (trainer.current_round, trainer.current_client)
+            if batch_idx == 0:
+                self.attempts[key] = self.attempts.get(key, 0) + 1
+            draw = random.Random(f"soak/{seed}/{key[0]}/{key[1]}")
+            if draw.random() < fault_rate and self.attempts[key] == 1 and batch_idx == draw.randrange(2):
+                print(f"{FAULT_PREFIX} round {key[0] + 1} client {key[1]} batch {batch_idx}", flush=True)
+                raise RuntimeError("injected transient fault")
+
+    trainer = FederatedTrainer(
+        rounds=rounds,
+        local_steps=2,
+        clients_per_round=3,
+        client_retries=1,
+        server_optimizer=FedAvgM(momentum=0.9),
+        callbacks=[AmplitudeHarmonization(preset="paper", share_target="every_round"), Scaffold(), TransientFaults()],
+        accelerator="cpu",
+        enable_progress_bar=False,
+        default_root_dir=str(root),
+        seed=seed,
+    )
+    torch.manual_seed(seed)
+    model = ClassificationClient(
+        backbone="test_resnet", batch_norm_stats="batch", alpha=0.05,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9),
+    )
+    data = DemoHistology(num_sites=4, train_per_site=16, val_per_site=8, test_per_site=8, image_size=32,
+                         batch_size=8, seed=seed)
+    trainer.fit(model, data, ckpt_path="last" if resume else None)
+
+
+def _worker_command(root: Path, args: argparse.Namespace, fault_rate: float, resume: bool) -> list[str]:
+    command = [sys.executable, __file__, "--worker", "--root", str(root), "--rounds", str(args.rounds),
+               "--fault_rate", str(fault_rate), "--seed", str(args.seed)]
+    return command + (["--resume"] if resume else [])
+
+
+def _modified(path: Path) -> int:
+    """When ``path`` was last replaced (0: not yet written); cheap enough to poll while the worker trains."""
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return 0
+
+
+def _run_to_completion(root: Path, args: argparse.Namespace, fault_rate: float, kills: int) -> dict[str, int]:
+    """Run a worker until it finishes, SIGKILLing it ``kills`` times; returns the fault counts."""
+    rng = random.Random(f"soak-kills/{args.seed}")
+    last = root / "checkpoints" / "last.ckpt"
+    log = root.parent / f"{root.name}.log"
+    counts = {"kills": 0, "kills_while_saving": 0, "restarts": 0}
+    while True:
+        resume = last.is_file()
+        counts["restarts"] += int(resume)
+        with log.open("a") as output:
+            worker = subprocess.Popen(_worker_command(root, args, fault_rate, resume), stdout=output,
+                                      stderr=subprocess.STDOUT)
+        if counts["kills"] < kills:
+            written = _modified(last)
+            while worker.poll() is None and _modified(last) == written:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 1.0))  # anywhere in the next round, its checkpoint write included
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGKILL)
+                worker.wait()
+                counts["kills"] += 1
+                counts["kills_while_saving"] += int(any(root.glob("checkpoints/.*.tmp.*")))
+                continue
+        if worker.wait() != 0:
+            raise RuntimeError(f"The worker failed (exit {worker.returncode}); see {log}.")
+        return counts
+
+
+def _compare(clean: Path, faulty: Path) -> list[str]:
+    """What differs between the two runs' final states and outputs (empty: identical)."""
+    import torch
+
+    from harmofl.checkpoint import load_checkpoint
+
+    differences = []
+    for name in ("metrics.csv", "summary.json"):
+        if (clean / name).read_bytes() != (faulty / name).read_bytes():
+            differences.append(name)
+    a, b = (load_checkpoint(root / "checkpoints" / "last.ckpt") for root in (clean, faulty))
+
+    def walk(x: Any, y: Any, where: str) -> None:
+        if isinstance(x, torch.Tensor):
+            if not (isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y)):
+                differences.append(where)
+        elif isinstance(x, dict):
+            if not isinstance(y, dict) or x.keys() != y.keys():
+                differences.append(where)
+            else:
+                for key in x:
+                    walk(x[key], y[key], f"{where}/{key}")
+        elif isinstance(x, (list, tuple)):
+            if not isinstance(y, (list, tuple)) or len(x) != len(y):
+                differences.append(where)
+            else:
+                for index, (u, v) in enumerate(zip(x, y)):
+                    walk(u, v, f"{where}[{index}]")
+        elif x != y:
+            differences.append(where)
+
+    walk(a, b, "checkpoint")
+    return differences
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--kills", type=int, default=6)
+    parser.add_argument("--fault_rate", type=float, default=0.2, help="share of (round, client) pairs that fail once")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        run_worker(args.root, args.rounds, args.fault_rate, args.seed, args.resume)
+        return
+
+    with tempfile.TemporaryDirectory(prefix="harmofl_soak_") as folder:
+        clean, faulty = Path(folder) / "clean", Path(folder) / "faulty"
+        started = time.perf_counter()
+        _run_to_completion(clean, args, fault_rate=0.0, kills=0)
+        clean_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        counts = _run_to_completion(faulty, args, fault_rate=args.fault_rate, kills=args.kills)
+        faulty_seconds = time.perf_counter() - started
+        client_faults = sum(
+            line.startswith(FAULT_PREFIX) for line in (Path(folder) / "faulty.log").read_text().splitlines()
+        )
+        differences = _compare(clean, faulty)
+    print(f"soak: {args.rounds} rounds, 4 clients (3 per round), seed {args.seed}")
+    print(f"  fault-free run: {clean_seconds:.1f} s; faulty run: {faulty_seconds:.1f} s "
+          f"({counts['restarts']} restarts from last.ckpt)")
+    print(f"  client faults injected: {client_faults}, survived (retried): {client_faults}")
+    print(f"  SIGKILLs injected: {counts['kills']}, survived: {counts['kills']} "
+          f"({counts['kills_while_saving']} while a checkpoint was being written)")
+    detail = f" — differs in {differences[:10]}" if differences else " (checkpoint bitwise, metrics.csv, summary.json)"
+    print(f"  final state equals the fault-free run: {not differences}{detail}")
+    if differences:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
