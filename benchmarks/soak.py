@@ -8,8 +8,9 @@ therefore live. Faults:
 - **client faults**: a callback raises at a random batch of a random share of (round, client) pairs, on the
   first attempt only (a transient fault: a flaky disk, a preempted accelerator); the orchestrator retries the
   client from the same start;
-- **kills**: the driver SIGKILLs the worker at a random moment after it has written a new checkpoint (some kills
-  land while a checkpoint is being written) and restarts it with ``--ckpt_path last.ckpt``, until it finishes.
+- **kills**: the driver SIGKILLs the worker, alternately at a random moment of a round and as soon as a
+  checkpoint write has begun (a temporary file beside ``last.ckpt`` exists), and restarts it from
+  ``last.ckpt`` until it finishes.
 
 Then the final checkpoint (global weights, every client's record, callback and server state), ``metrics.csv``
 and ``summary.json`` are compared with those of a worker run without faults or kills. Both runs use one thread,
@@ -120,7 +121,12 @@ def _run_to_completion(root: Path, args: argparse.Namespace, fault_rate: float, 
             written = _modified(last)
             while worker.poll() is None and _modified(last) == written:
                 time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 1.0))  # anywhere in the next round, its checkpoint write included
+            if counts["kills"] % 2:
+                # Every other kill waits for the next checkpoint write to begin and lands inside it.
+                while worker.poll() is None and not any(root.glob("checkpoints/.*.tmp.*")):
+                    time.sleep(0.0005)
+            else:
+                time.sleep(rng.uniform(0.0, 1.0))  # anywhere in the next round
             if worker.poll() is None:
                 worker.send_signal(signal.SIGKILL)
                 worker.wait()

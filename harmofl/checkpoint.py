@@ -23,20 +23,23 @@ def atomic_torch_save(data: Any, path: Path) -> None:
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write a federated checkpoint atomically: a crash never leaves a truncated file."""
-    atomic_torch_save({FORMAT_KEY: FORMAT_VERSION, **state}, path)
+    """Write a federated checkpoint atomically: a crash never leaves a truncated file. Its only writer (the first
+    process) also removes the temporary files of writers killed before."""
+    with _atomic_file(path, remove_stale=True) as handle:
+        torch.save({FORMAT_KEY: FORMAT_VERSION, **state}, handle)
 
 
 def copy_checkpoint(source: Path, destination: Path) -> None:
     """Atomically copy a checkpoint file (``last.ckpt`` to ``best.ckpt``)."""
-    with _atomic_file(destination) as handle, source.open("rb") as original:
+    with _atomic_file(destination, remove_stale=True) as handle, source.open("rb") as original:
         shutil.copyfileobj(original, handle)
 
 
 @contextlib.contextmanager
-def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
+def _atomic_file(path: Path, remove_stale: bool = False) -> Iterator[IO[bytes]]:
     """A temporary file to write ``path``'s new content into; on success it is flushed to disk and renamed over
-    ``path`` (the rename made durable too), and what killed writers left behind is removed."""
+    ``path`` (the rename made durable too). ``remove_stale`` then deletes the temporary files of killed writers:
+    only for a path with a single writer, whose concurrent writes it would otherwise break."""
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}.tmp."
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=prefix, delete=False) as handle:
@@ -57,7 +60,7 @@ def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
         os.fsync(directory)
     finally:
         os.close(directory)
-    for stale in path.parent.glob(f"{prefix}*"):
+    for stale in path.parent.glob(f"{prefix}*") if remove_stale else ():
         stale.unlink(missing_ok=True)
 
 

@@ -3,8 +3,8 @@
 A strategy is a YAML overlay in ``configs/strategies/`` applied on top of the base config (HarmoFL as
 configured, FedAvg, FedBN, FedProx, FedNova, FedAvgM, FedAdam, FedYogi, SCAFFOLD, MOON, FedSAM,
 harmonization only, local training, pooled centralized training). Each run is a ``cli.py fit``
-subprocess writing to ``<output>/<strategy>/seed_<seed>``; a finished run (same command) is reused, an
-interrupted one continues from its ``last.ckpt``. Outputs:
+subprocess writing to ``<output>/<strategy>/seed_<seed>``; a finished run (same command, same config file
+contents) is reused, an interrupted one continues from its ``last.ckpt``. Outputs:
 ``comparison.csv`` (strategy, seed, client, metric, value: test metrics at each run's best round),
 ``comparison.md`` (mean ± std over seeds, best per column in bold) and ``comparison.png`` (mean
 validation metric per strategy over rounds, averaged over seeds).
@@ -13,6 +13,7 @@ validation metric per strategy over rounds, averaged over seeds).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shlex
 import statistics
@@ -26,6 +27,7 @@ from harmofl import reporting
 REPO = Path(__file__).resolve().parents[1]
 STRATEGY_DIR = REPO / "configs" / "strategies"
 DONE_FILE = "compare_done.json"
+STARTED_FILE = "compare_started.json"
 DEFAULT_STRATEGIES = (
     "harmofl,fedavg,fedbn,fedprox,fednova,fedavgm,fedadam,fedyogi,scaffold,moon,fedsam,harmonization,local,pooled"
 )
@@ -78,23 +80,40 @@ def run_comparison(
 
 
 def _run(config: Path, strategy: str, seed: int, run_dir: Path, extra: list[str]) -> Path:
-    """One ``cli.py fit`` subprocess, unless the same command already finished in ``run_dir``."""
-    command = [sys.executable, str(REPO / "cli.py"), "fit", "--config", str(config),
-               "--config", str(STRATEGY_DIR / f"{strategy}.yaml"), "--seed_everything", str(seed),
-               "--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false", *extra]
-    done = run_dir / DONE_FILE
-    if done.is_file() and json.loads(done.read_text()).get("command") == command[1:]:
+    """One ``cli.py fit`` subprocess, unless the same command on the same config files already finished in
+    ``run_dir``; an interrupted run of the same command and files continues from its ``last.ckpt``."""
+    overlay = STRATEGY_DIR / f"{strategy}.yaml"
+    command = [sys.executable, str(REPO / "cli.py"), "fit", "--config", str(config), "--config", str(overlay),
+               "--seed_everything", str(seed), "--trainer.default_root_dir", str(run_dir),
+               "--trainer.enable_progress_bar", "false", *extra]
+    # The files' contents are part of the key: an edited config must not reuse results made with the old one.
+    key = {"command": command[1:], "config_sha256": _digest([config, overlay])}
+    done, started = run_dir / DONE_FILE, run_dir / STARTED_FILE
+    if _holds(done, key):
         print(f"reusing {run_dir}")
         return run_dir
-    resume = ["--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")]
-    if not (run_dir / "checkpoints" / "last.ckpt").is_file() or done.is_file():
-        resume = []  # nothing to continue, or a finished run of another command: start over
+    last = run_dir / "checkpoints" / "last.ckpt"
+    resume = ["--ckpt_path", str(last)] if last.is_file() and _holds(started, key) and not done.is_file() else []
+    done.unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started.write_text(json.dumps(key) + "\n")
     print(f"running {strategy} seed {seed} -> {run_dir}", flush=True)
     result = subprocess.run([*command, *resume], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{strategy} (seed {seed}) failed:\n{result.stderr[-4000:]}")
-    done.write_text(json.dumps({"command": command[1:]}) + "\n")
+    done.write_text(json.dumps(key) + "\n")
     return run_dir
+
+
+def _digest(files: list[Path]) -> str:
+    hasher = hashlib.sha256()
+    for file in files:
+        hasher.update(file.read_bytes())
+    return hasher.hexdigest()
+
+
+def _holds(marker: Path, key: dict[str, Any]) -> bool:
+    return marker.is_file() and json.loads(marker.read_text()) == key
 
 
 def _primary_metric(summaries: dict[tuple[str, int], dict[str, Any]]) -> str:

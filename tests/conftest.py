@@ -5,6 +5,8 @@ import os
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_SILENT", "true")
+# Generated demo data is cached per session here, never in the user's ~/.cache.
+os.environ["XDG_CACHE_HOME"] = __import__("tempfile").mkdtemp(prefix="harmofl-test-cache-")
 
 import functools  # noqa: E402
 import subprocess  # noqa: E402

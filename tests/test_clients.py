@@ -167,3 +167,23 @@ def test_fedprox_outside_the_orchestrator_is_a_clear_error():
     client = tiny_classifier(proximal_mu=0.1)
     with pytest.raises(RuntimeError, match="FederatedTrainer"):
         client.local_objective(*_batch())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"channels_last": True}, {"compile_model": True, "compile_kwargs": {"backend": "eager"}},
+     {"channels_last": True, "contrastive_mu": 1.0, "compile_model": True, "compile_kwargs": {"backend": "eager"}}],
+)
+def test_gpu_speed_options_give_the_same_step_and_keep_parameter_names(options):
+    """channels-last and torch.compile (traced with dynamo; the eager backend keeps the test fast on CPU)."""
+    batch = _batch()
+    reference = tiny_classifier(contrastive_mu=options.get("contrastive_mu", 0.0))
+    client = tiny_classifier(**options)
+    for module in (reference, client):
+        module.on_train_client_start()
+        loss, _ = _fabric_step(module, "32-true", batch)
+    assert list(client.state_dict()) == list(reference.state_dict())
+    for p_ours, p_ref in zip(client.parameters(), reference.parameters()):
+        torch.testing.assert_close(p_ours, p_ref, atol=1e-6, rtol=0)
+    if options.get("channels_last"):
+        assert client.model.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)

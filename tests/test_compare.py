@@ -28,7 +28,9 @@ def spy(monkeypatch):
 
 
 def test_compare_writes_tables_reuses_finished_runs_and_resumes_interrupted_ones(tmp_path, spy):
-    output = compare.run_comparison(REPO / "configs" / "demo.yaml", "harmofl,fedavg", "0,1", tmp_path, TINY)
+    config = tmp_path / "demo.yaml"
+    config.write_text((REPO / "configs" / "demo.yaml").read_text())
+    output = compare.run_comparison(config, "harmofl,fedavg", "0,1", tmp_path, TINY)
     assert len(spy) == 4
     with (output / "comparison.csv").open() as handle:
         rows = list(csv.DictReader(handle))
@@ -38,12 +40,16 @@ def test_compare_writes_tables_reuses_finished_runs_and_resumes_interrupted_ones
     assert "| harmofl |" in table and "| fedavg |" in table and "**" in table and " ± " in table
     assert (output / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
-    compare.run_comparison(REPO / "configs" / "demo.yaml", "harmofl,fedavg", "0,1", tmp_path, TINY)
+    compare.run_comparison(config, "harmofl,fedavg", "0,1", tmp_path, TINY)
     assert len(spy) == 4  # every run reused
 
     (tmp_path / "fedavg" / "seed_1" / compare.DONE_FILE).unlink()  # as if killed after its last checkpoint
-    compare.run_comparison(REPO / "configs" / "demo.yaml", "harmofl,fedavg", "0,1", tmp_path, TINY)
+    compare.run_comparison(config, "harmofl,fedavg", "0,1", tmp_path, TINY)
     assert len(spy) == 5 and "--ckpt_path" in spy[-1]
+
+    config.write_text(config.read_text().replace("rounds: 20", "rounds: 3"))  # an edited config is not reused
+    compare.run_comparison(config, "fedavg", "1", tmp_path, TINY)
+    assert len(spy) == 6 and "--ckpt_path" not in spy[-1]
 
 
 def test_unknown_strategy_is_rejected_with_the_available_ones(tmp_path):

@@ -271,3 +271,42 @@ def test_dataset_before_setup_and_unknown_client() -> None:
 def test_bad_arguments_raise(cls: type, argument: str, value: int) -> None:
     with pytest.raises(ValueError, match=rf"{argument}.*{value}"):
         cls(**{argument: value})
+
+
+def test_generated_splits_are_cached_and_loaded_identically(tmp_path):
+    settings = dict(num_sites=2, train_per_site=8, val_per_site=4, test_per_site=4, image_size=32)
+    generated = DemoHistology(**settings, cache=False)
+    generated.setup()
+    first = DemoHistology(**settings, cache_dir=str(tmp_path))
+    first.prepare_data()
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 2 * 3  # one file per site and split
+    files[0].write_bytes(b"damaged")  # a damaged file is generated again and overwritten
+    second = DemoHistology(**settings, cache_dir=str(tmp_path))
+    second.prepare_data()
+    second.setup()
+    for client in generated.client_names:
+        for split in ("train", "val", "test"):
+            for ours, reference in zip(second.dataset(client, split).tensors, generated.dataset(client, split).tensors):
+                assert torch.equal(ours, reference)
+    assert torch.load(files[0], weights_only=True)["images"].shape[1:] == (3, 32, 32)
+    other = DemoHistology(**{**settings, "seed": 1}, cache_dir=str(tmp_path))
+    other.prepare_data()
+    assert len(list(tmp_path.iterdir())) == 2 * 2 * 3  # another seed is another key
+    DemoHistology(**settings, cache=False, cache_dir=str(tmp_path / "unused")).setup()
+    assert not (tmp_path / "unused").exists()
+
+
+def test_generation_does_not_depend_on_the_thread_count():
+    settings = dict(num_sites=1, train_per_site=4, val_per_site=0, test_per_site=0, image_size=32, cache=False)
+    threads = torch.get_num_threads()
+    generated = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            data = DemoHistology(**settings)
+            data.setup()
+            generated.append(data.dataset("site_0", "train").tensors[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(*generated)

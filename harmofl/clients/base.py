@@ -45,6 +45,10 @@ class FederatedClient(LightningModule):
         weights_path: a local file of initial weights (a state dict, or a dict with a ``state_dict`` key).
         batch_norm_stats: ``running`` keeps BatchNorm's running statistics for evaluation; ``batch``
             normalizes with each batch's own statistics in evaluation too, as the reference networks do.
+        channels_last: store the network's weights and feed its images in channels-last memory format (faster
+            convolutions on recent GPUs with bf16; same results).
+        compile_model: compile the network's forward with ``torch.compile`` (in place: parameter names and
+            checkpoints are unchanged); ``compile_kwargs`` go to it, e.g. ``{mode: max-autotune}``.
     """
 
     #: The metric whose mean over clients selects the best global model.
@@ -64,6 +68,9 @@ class FederatedClient(LightningModule):
         max_grad_norm: Optional[float] = None,
         weights_path: Optional[str] = None,
         batch_norm_stats: Literal["running", "batch"] = "running",
+        channels_last: bool = False,
+        compile_model: bool = False,
+        compile_kwargs: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         if proximal_mu < 0:
@@ -102,6 +109,10 @@ class FederatedClient(LightningModule):
             use_batch_statistics(self.model)
         if weights_path is not None:
             load_local_weights(self.model, weights_path)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
+        if compile_model:
+            self.model.compile(**(compile_kwargs or {}))
 
     @staticmethod
     @abstractmethod
@@ -125,7 +136,11 @@ class FederatedClient(LightningModule):
         """Where MOON reads the representation: a submodule of ``self.model`` and its ``input`` or ``output``."""
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.model(images)
+        return self.model(self.network_input(images))
+
+    def network_input(self, images: Tensor) -> Tensor:
+        """``images`` in the network's memory format (channels-last or contiguous)."""
+        return images.contiguous(memory_format=self.memory_format)
 
     def configure_optimizers(self) -> WeightPerturbation:
         return WeightPerturbation(self.parameters(), self.optimizer_factory, self.alpha, self.max_grad_norm)
@@ -167,7 +182,9 @@ class FederatedClient(LightningModule):
             raise RuntimeError("contrastive_mu > 0 needs the global model: train this client with FederatedTrainer.")
         with torch.no_grad():
             return tuple(  # type: ignore[return-value]
-                forward_with_representation(self._reference_networks[name], images, *self.representation_layer())[1]
+                forward_with_representation(
+                    self._reference_networks[name], self.network_input(images), *self.representation_layer()
+                )[1]
                 for name in ("global", "previous")
             )
 
@@ -181,7 +198,9 @@ class FederatedClient(LightningModule):
         if references is None:
             logits = self(images)
         else:
-            logits, representation = forward_with_representation(self.model, images, *self.representation_layer())
+            logits, representation = forward_with_representation(
+                self.model, self.network_input(images), *self.representation_layer()
+            )
         loss = self.compute_loss(logits, targets)
         objective = loss
         if self.proximal_mu > 0:

@@ -36,19 +36,7 @@ class SegmentationClient(FederatedClient):
         super().__init__(backbone=backbone, optimizer=optimizer, **kwargs)
 
     def build_metrics(self) -> MetricCollection:
-        # Global (not per-image) Dice: images without foreground would otherwise be undefined.
-        with warnings.catch_warnings():
-            # torchmetrics warns about a future change of the default `average`, which is set explicitly here.
-            warnings.filterwarnings("ignore", message="DiceScore metric currently defaults")
-            dice = DiceScore(
-                num_classes=self.num_classes,
-                include_background=False,
-                average="micro",
-                aggregation_level="global",
-                input_format="index",
-                sync_on_compute=False,
-            )
-        return MetricCollection({"dice": dice})
+        return foreground_dice_metrics(self.num_classes)
 
     def representation_layer(self) -> tuple[str, Tap]:
         # The deepest encoder features, averaged over space: the reference U-Net's bottleneck, smp's encoder.
@@ -59,3 +47,20 @@ class SegmentationClient(FederatedClient):
 
     def update_metrics(self, metrics: MetricCollection, logits: Tensor, targets: Tensor) -> None:
         metrics.update(logits.argmax(dim=1), targets)
+
+
+def foreground_dice_metrics(num_classes: int) -> MetricCollection:
+    """``{"dice": ...}``: Dice of the foreground classes over every pixel of a split (global, not per image:
+    images without foreground would otherwise be undefined); never synchronized across processes."""
+    with warnings.catch_warnings():
+        # torchmetrics warns about a future change of the default `average`, which is set explicitly here.
+        warnings.filterwarnings("ignore", message="DiceScore metric currently defaults")
+        dice = DiceScore(
+            num_classes=num_classes,
+            include_background=False,
+            average="micro",
+            aggregation_level="global",
+            input_format="index",
+            sync_on_compute=False,
+        )
+    return MetricCollection({"dice": dice})

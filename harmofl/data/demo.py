@@ -15,15 +15,23 @@ the size of one split never changes the samples of another.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+import json
 import math
+import os
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from harmofl.checkpoint import atomic_torch_save
 from harmofl.data.base import SPLITS, FederatedDataModule, Split
 from harmofl.data.files import named_generator
 from harmofl.data.imaging import SiteImaging, default_sites, render
@@ -242,6 +250,27 @@ def synthesize_tissue(tumour: Tensor, size: int, generator: torch.Generator) -> 
     return Tissue(hematoxylin=hematoxylin, eosin=eosin, nuclei=coverage >= 0.5)
 
 
+# Part of every demo cache key: bump it whenever generation changes what a seed produces.
+# (2: generation pinned to one thread; format 1 files depended on the generating process's thread count.)
+DEMO_CACHE_FORMAT = 2
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Generate on one thread: multi-threaded convolutions round differently (about 1e-6), and the demo data
+    must be the same whatever the thread count, process layout or machine load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def default_demo_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "harmofl" / "demo"
+
+
 class _ProceduralFederation(FederatedDataModule):
     """Shared machinery of the demo datamodules: arguments, sites, generation and lookup.
 
@@ -256,6 +285,10 @@ class _ProceduralFederation(FederatedDataModule):
         eval_batch_size: validation and test batch size; ``batch_size`` when None.
         num_workers: loader worker processes.
         pin_memory: whether loaders pin memory.
+        cache_dir: where generated splits are kept, so that later runs with the same settings load them instead
+            of generating them again (generation takes seconds per site); None: ``$XDG_CACHE_HOME/harmofl/demo``
+            (``~/.cache/harmofl/demo``). Loaded splits are identical to generated ones.
+        cache: False generates every time and writes nothing.
     """
 
     def __init__(
@@ -270,6 +303,8 @@ class _ProceduralFederation(FederatedDataModule):
         eval_batch_size: Optional[int] = None,
         num_workers: int = 0,
         pin_memory: bool = False,
+        cache_dir: Optional[str] = None,
+        cache: bool = True,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
         if num_sites < 1:
@@ -286,24 +321,69 @@ class _ProceduralFederation(FederatedDataModule):
         self.image_size = image_size
         self.seed = seed
         self.sites: list[SiteImaging] = default_sites(num_sites, seed)
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_demo_cache_dir()
+        self.cache = cache
 
     @property
     def client_names(self) -> list[str]:
         return [f"site_{index}" for index in range(self.num_sites)]
 
+    def prepare_data(self) -> None:
+        """Fill the cache, once per machine, before the processes read it (present files are not read)."""
+        if self.cache:
+            for index in range(self.num_sites):
+                for split in SPLITS:
+                    if not self._cache_path(index, split).is_file():
+                        self._cached_split(index, split)
+
     def setup(self, stage: Optional[str] = None) -> None:
-        """Generate every site's splits, once per instance."""
+        """Load (or generate) every site's splits, once per instance."""
         if self._datasets:
             return
-        for index, (client, site) in enumerate(zip(self.client_names, self.sites)):
+        for index, client in enumerate(self.client_names):
             for split in SPLITS:
-                generator = named_generator("harmofl-demo", self.seed, index, split)
-                count = self.split_sizes[split]
-                # Balanced labels: half the patches (rounded down) hold a tumour-like cluster.
-                labels = (torch.arange(count) % 2)[torch.randperm(count, generator=generator)]
-                tissue = synthesize_tissue(labels.bool(), self.image_size, generator)
-                images = render(tissue.hematoxylin, tissue.eosin, site, generator)
-                self._datasets[(client, split)] = TensorDataset(images, self._targets(tissue, labels))
+                images, targets = self._cached_split(index, split) if self.cache else self._generate(index, split)
+                self._datasets[(client, split)] = TensorDataset(images, targets)
+
+    def _generate(self, index: int, split: Split) -> tuple[Tensor, Tensor]:
+        with _one_thread():
+            return self._generate_split(index, split)
+
+    def _generate_split(self, index: int, split: Split) -> tuple[Tensor, Tensor]:
+        generator = named_generator("harmofl-demo", self.seed, index, split)
+        count = self.split_sizes[split]
+        # Balanced labels: half the patches (rounded down) hold a tumour-like cluster.
+        labels = (torch.arange(count) % 2)[torch.randperm(count, generator=generator)]
+        tissue = synthesize_tissue(labels.bool(), self.image_size, generator)
+        images = render(tissue.hematoxylin, tissue.eosin, self.sites[index], generator)
+        return images, self._targets(tissue, labels)
+
+    def _cache_path(self, index: int, split: Split) -> Path:
+        """The cache file of one site's split, named by a hash of everything that determines its content."""
+        settings = {
+            "format": DEMO_CACHE_FORMAT, "kind": type(self).__name__, "site": dataclasses.asdict(self.sites[index]),
+            "index": index, "split": split, "count": self.split_sizes[split], "image_size": self.image_size,
+            "seed": self.seed,
+        }
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+        return self.cache_dir / f"{type(self).__name__}-{key}.pt"
+
+    def _cached_split(self, index: int, split: Split) -> tuple[Tensor, Tensor]:
+        """A split from the cache, else generated and written there (a cache that cannot be written is skipped)."""
+        path = self._cache_path(index, split)
+        if path.is_file():
+            try:
+                cached = torch.load(path, map_location="cpu", weights_only=True)
+                return cached["images"], cached["targets"]
+            except Exception:  # a damaged cache file: generate again and overwrite it
+                pass
+        images, targets = self._generate(index, split)
+        try:
+            atomic_torch_save({"images": images, "targets": targets}, path)
+        except OSError as error:
+            rank_zero_warn(f"Cannot write the demo data cache {str(path)!r} ({error}); set data.cache_dir to a "
+                           "writable folder, or data.cache false.")
+        return images, targets
 
     @abstractmethod
     def _targets(self, tissue: Tissue, labels: Tensor) -> Tensor:
