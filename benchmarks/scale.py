@@ -6,7 +6,7 @@ harmonization of ``configs/demo.yaml``) for each client count, each count in a f
 RSS is its own. Every client has little data (16 training, 8 validation, 8 test images of 32 px by default), so
 that the fixed per-client cost of the orchestrator is visible next to the compute.
 
-    python benchmarks/scale.py                     # 4, 16 and 64 clients, 3 rounds, 2 repeats: about 2 min, 2 cores
+    python benchmarks/scale.py                     # 4, 16 and 64 clients, 3 rounds, 2 repeats: about 70 s, 2 cores
     python benchmarks/scale.py --clients 4,16,64,128 --repeats 1
 
 How to read the output. Per client count it prints:
@@ -25,7 +25,9 @@ How to read the output. Per client count it prints:
   client's record, so it grows with the clients; shown per round and per client, to tell O(clients) per round
   (constant per client) from O(clients²);
 - how long ``DemoHistology.setup`` took, per client (with an empty ``XDG_CACHE_HOME``: the data are generated,
-  and written to the demo cache where the data module has one).
+  and written to the demo cache where the data module has one);
+- the time in Python's garbage collections per round (overlapping the other columns): full collections are the
+  one per-round cost seen to grow faster than the clients.
 
 Timings exclude the first round (a warm-up: first calls, allocator growth, the harmonization target's sharing).
 """
