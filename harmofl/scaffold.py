@@ -23,11 +23,12 @@ Controls = Mapping[str, Tensor]
 
 
 def accumulated_steps(num_steps: int, momentum: float = 0.0) -> float:
-    """``a_K``: how many plain gradient steps ``K`` SGD steps with momentum ``ρ`` add up to."""
+    """``a_K``: how many plain gradient steps ``K`` SGD steps with momentum ``ρ`` add up to (also FedNova's
+    normalizer, :class:`harmofl.server.FedNova`)."""
     if num_steps < 1:
-        raise ValueError(f"SCAFFOLD needs >= 1 local step to update a control variate, got {num_steps}.")
+        raise ValueError(f"The number of local steps must be >= 1, got {num_steps}.")
     if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"SGD momentum must be in [0, 1) for SCAFFOLD, got {momentum}.")
+        raise ValueError(f"SGD momentum must be in [0, 1), got {momentum}.")
     if momentum == 0:
         return float(num_steps)
     return (num_steps - momentum * (1 - momentum**num_steps) / (1 - momentum)) / (1 - momentum)

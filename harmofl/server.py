@@ -21,6 +21,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from harmofl.scaffold import accumulated_steps
+
 StateDict = Mapping[str, Tensor]
 
 
@@ -95,10 +97,7 @@ class FedNova(ServerOptimizer):
         """``a_k``: the norm of the client's accumulated local-step coefficients."""
         if num_steps < 1:
             raise ValueError(f"FedNova needs every participant to run >= 1 local step, got {num_steps}.")
-        rho = self.momentum
-        if rho == 0:
-            return float(num_steps)
-        return (num_steps - rho * (1 - rho**num_steps) / (1 - rho)) / (1 - rho)
+        return accumulated_steps(num_steps, self.momentum)
 
     def aggregation_factor(self, num_steps: int) -> float:
         # The server receives Σ w_k/a_k · θ_k / Σ w_k/a_k; `step` rescales the move towards it.

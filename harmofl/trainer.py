@@ -638,8 +638,7 @@ class FederatedTrainer(Trainer):
     def _checkpoint_state(self, round_number: int) -> dict[str, Any]:
         """The whole federated state; client records and callback client states gathered from every process."""
         # A client that has not trained yet (partial participation) has an empty record.
-        holders = dict.fromkeys(self.my_clients + self.my_trainees)
-        records = {client: self.client_records.get(client, ClientRecord()) for client in holders}
+        records = {client: self.client_records.get(client, ClientRecord()) for client in self._my_record_holders()}
         clients = {
             client: {
                 "local_state": record.local_state,
@@ -666,6 +665,10 @@ class FederatedTrainer(Trainer):
             "failures": self.failures,
         }
 
+    def _my_record_holders(self) -> list[str]:
+        """The clients whose records this process keeps: those it evaluates and those it trains (the pooled one)."""
+        return list(dict.fromkeys(self.my_clients + self.my_trainees))
+
     def _client_state_callbacks(self) -> list[Any]:
         return [cb for cb in self.callbacks if hasattr(cb, "client_state_dict")]
 
@@ -687,7 +690,7 @@ class FederatedTrainer(Trainer):
                     "continue it with the same data configuration (`cli.py test` evaluates other sites)."
                 )
         self.global_state = checkpoint["global_state"]
-        for client in dict.fromkeys(self.my_clients + self.my_trainees):
+        for client in self._my_record_holders():
             saved = checkpoint["clients"].get(client)
             if saved is None:
                 rank_zero_info(f"Client {client!r} is not in {path}: it uses the global model and shared target.")
