@@ -1,74 +1,9 @@
 """HarmoFL-Lightning's command line: ``python cli.py fit|validate|test|compare --config configs/demo.yaml``.
 
-Every setting is a typed constructor argument of the trainer (:class:`harmofl.FederatedTrainer`), the client
-model (:class:`harmofl.FederatedClient` subclasses) or the data (:class:`harmofl.data.FederatedDataModule`
-subclasses); ``python cli.py fit --help`` lists them and ``--print_config`` shows a full configuration.
+The command line itself lives in :mod:`harmofl.cli`.
 """
 
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-from typing import Union
-
-from jsonargparse import ArgumentParser
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-from harmofl.clients import FederatedClient
-from harmofl.compare import run_comparison
-from harmofl.data import FederatedDataModule
-from harmofl.trainer import FederatedTrainer
-
-
-class HarmoFLCLI(LightningCLI):
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        # Federated training and per-client evaluation of checkpoints; no `predict` (yet).
-        return {key: value for key, value in LightningCLI.subcommands().items() if key != "predict"}
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # One seed for the whole run: model initialization and the per-round, per-client data order. A boolean
-        # seed_everything is resolved in `before_instantiate_classes`, once Lightning has drawn the seed.
-        parser.link_arguments("seed_everything", "trainer.seed", compute_fn=_trainer_seed)
-
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
-        # `seed_everything: true` has been replaced by the random seed drawn (and inherited by the processes
-        # the trainer launches); `false` seeds nothing globally, and the trainer's per-client seeds use 0.
-        config.trainer.seed = _trainer_seed(config.seed_everything)
-        if config.trainer.default_root_dir is None:
-            config_files = config.get("config") or []
-            name = Path(str(config_files[-1])).stem if config_files else "harmofl"
-            config.trainer.default_root_dir = str(Path("runs") / name)
-        if self.subcommand != "fit":
-            # Evaluating a checkpoint must not overwrite the config.yaml that records how it was trained.
-            self.save_config_callback = None
-
-
-def _trainer_seed(seed_everything: Union[bool, int]) -> int:
-    return 0 if isinstance(seed_everything, bool) else int(seed_everything)
-
-
-def main() -> None:
-    if sys.argv[1:2] == ["compare"]:
-        # Many fits side by side: a typed function of its own, not a trainer method. A plain parser, because
-        # jsonargparse's CLI() would take `--config` for its own config-file option.
-        parser = ArgumentParser(prog="cli.py compare", description=run_comparison.__doc__)
-        parser.add_function_arguments(run_comparison)
-        run_comparison(**parser.parse_args(sys.argv[2:]).as_dict())
-        return
-    HarmoFLCLI(
-        model_class=FederatedClient,
-        subclass_mode_model=True,
-        datamodule_class=FederatedDataModule,
-        subclass_mode_data=True,
-        trainer_class=FederatedTrainer,
-        seed_everything_default=0,
-        # The client builds its own WeightPerturbation around the optimizer it is configured with.
-        auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-    )
-
+from harmofl.cli import main
 
 if __name__ == "__main__":
     main()

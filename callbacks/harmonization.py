@@ -112,10 +112,13 @@ class AmplitudeHarmonization(Callback):
 
     # -- federated hooks, fired by the orchestrator --------------------------------------------------------
 
+    def shares_client_states(self) -> bool:
+        """Whether this round's :meth:`on_aggregate` averages the clients' targets (they must reach the server)."""
+        return self.share_target == "every_round" or (self.share_target == "first_round" and not self.frozen)
+
     def on_aggregate(self, trainer: Any, pl_module: LightningModule, round_idx: int) -> None:
         """After the server aggregated round ``round_idx`` (0-based): share the clients' targets if due."""
-        due = self.share_target == "every_round" or (self.share_target == "first_round" and not self.frozen)
-        if not due:
+        if not self.shares_client_states():
             return
         shared = trainer.aggregate_client_values({c: {"amplitude": t} for c, t in self.client_targets.items()})
         if shared is None:

@@ -51,6 +51,15 @@ POOLED_CLIENT = "pooled"
 
 
 @dataclass
+class ClientUpdate:
+    """One participant's round: its weights (at least the shared keys), mean training loss and local steps."""
+
+    state: Mapping[str, Tensor]
+    loss: float
+    num_steps: int
+
+
+@dataclass
 class ClientRecord:
     """What a client keeps between rounds, on the host: its local keys, its optimizer state, and the module's
     per-client state (:meth:`~harmofl.clients.base.FederatedClient.persistent_client_state`: MOON's last model)."""
@@ -323,21 +332,17 @@ class FederatedTrainer(Trainer):
         train_results: dict[str, dict[str, dict[str, float]]] = {}
         contributions: dict[str, Contribution] = {}
         failures: dict[str, str] = {}
-        for client in (c for c in self.my_trainees if c in participants):
-            outcome = self._train_client_under_policy(client, round_idx, shared)
+        for client, outcome in self._client_updates(round_idx, participants, shared):
             if isinstance(outcome, str):
                 failures[client] = outcome
                 continue
-            loss, num_steps = outcome
-            contributions[client] = Contribution(self.client_weight[client], num_steps)
+            contributions[client] = Contribution(self.client_weight[client], outcome.num_steps)
             if self.aggregator == "mean":
-                factor = self.server_optimizer.aggregation_factor(num_steps)
-                aggregation.add_weighted_(update_sum, self.module.state_dict(), self.client_weight[client] * factor)
+                factor = self.server_optimizer.aggregation_factor(outcome.num_steps)
+                aggregation.add_weighted_(update_sum, outcome.state, self.client_weight[client] * factor)
             else:
-                state = self.module.state_dict()
-                updates[client] = {key: _to_host(state[key]) for key in shared}
-            train_results[client] = {"train": {"loss": loss}}
-            self._store_client(client)
+                updates[client] = {key: _to_host(outcome.state[key]) for key in shared}
+            train_results[client] = {"train": {"loss": outcome.loss}}
         gathered = all_gather_objects(self.fabric, (contributions, failures, updates))
         contributions = {client: c for part in gathered for client, c in part[0].items()}
         self._record_failures(round_idx, {client: e for part in gathered for client, e in part[1].items()})
@@ -356,6 +361,19 @@ class FederatedTrainer(Trainer):
                 results[client] = {**splits, **results.get(client, {})}
         self._end_round(round_idx, self._ordered(results))
 
+    def _client_updates(
+        self, round_idx: int, participants: list[str], shared: Mapping[str, Tensor]
+    ) -> Iterator[tuple[str, Union[ClientUpdate, str]]]:
+        """This process's participants, trained one after the other: each client's update, or the error for which
+        it is skipped. An update's state is the live module's: valid until the next client is loaded."""
+        for client in (c for c in self.my_trainees if c in participants):
+            outcome = self._train_client_under_policy(client, round_idx, shared)
+            if isinstance(outcome, str):
+                yield client, outcome
+                continue
+            self._store_client(client)
+            yield client, ClientUpdate(self.module.state_dict(), *outcome)
+
     def _train_client_under_policy(
         self, client: str, round_idx: int, shared: Mapping[str, Tensor]
     ) -> Union[tuple[float, int], str]:
@@ -369,7 +387,7 @@ class FederatedTrainer(Trainer):
                  for cb in self._client_state_callbacks()} if tolerant else {}
         for attempt in range(self.client_retries + 1):
             try:
-                return self._train_client(client, round_idx, shared)
+                return self._train_client(client, round_idx, shared, self.client_seed(round_idx, client))
             except Exception as error:  # any fault of one client's training; KeyboardInterrupt is not caught
                 for cb in self._client_state_callbacks() if saved else ():
                     cb.load_client_state_dict(client, copy.deepcopy(saved[cb.state_key]))
@@ -394,12 +412,18 @@ class FederatedTrainer(Trainer):
                 f"{failures[client]}"
             )
 
-    def _train_client(self, client: str, round_idx: int, shared: Mapping[str, Tensor]) -> tuple[float, int]:
-        """Local training of one client from the global weights (``shared``: the keys it sends); returns its
-        mean unperturbed loss and steps, with its update checked (and bounded) in the module."""
+    def client_seed(self, round_idx: int, client: str) -> int:
+        """The seed of a trainee's data order and randomness in a round: independent of the process layout."""
+        return _derive_seed(self.seed, round_idx, self.trainee_names.index(client))
+
+    def _train_client(
+        self, client: str, round_idx: int, shared: Mapping[str, Tensor], client_seed: int
+    ) -> tuple[float, int]:
+        """Local training of one client from the global weights (``shared``: the keys it sends), seeded with
+        ``client_seed``; returns its mean unperturbed loss and steps, with its update checked (and bounded) in the
+        module."""
         self.current_client = client
         self._load_client(client, with_optimizer=True)
-        client_seed = _derive_seed(self.seed, round_idx, self.trainee_names.index(client))
         torch.manual_seed(client_seed)
         generator = torch.Generator().manual_seed(client_seed)
         if client == POOLED_CLIENT:
@@ -463,13 +487,19 @@ class FederatedTrainer(Trainer):
         return [training[index] for index in sorted(chosen)]
 
     def _check_update(self, shared: Mapping[str, Tensor]) -> None:
-        """The server's checks of the module's update (:mod:`harmofl.validation`); a clipped update replaces it."""
+        """The server's checks of the module's update; a clipped update replaces it."""
         state = self.module.state_dict()
-        update = {key: state[key] for key in shared}
-        validation.check_update(update, shared)
+        checked = self.checked_update({key: state[key] for key in shared}, shared)
         if self.max_update_distance is not None:
-            bounded = validation.bound_update(update, shared, self.max_update_distance, self.update_distance_policy)
-            self.module.load_state_dict(bounded, strict=False)
+            self.module.load_state_dict(checked, strict=False)
+
+    def checked_update(self, update: Mapping[str, Tensor], shared: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``update`` checked against the global ``shared`` weights (keys, shapes, dtypes, finite values) and
+        bounded by ``max_update_distance`` (:mod:`harmofl.validation`); raises InvalidUpdate when refused."""
+        validation.check_update(update, shared)
+        if self.max_update_distance is None:
+            return dict(update)
+        return validation.bound_update(update, shared, self.max_update_distance, self.update_distance_policy)
 
     def _aggregate(
         self, update_sum: dict[str, Tensor], contributions: Mapping[str, Contribution],
@@ -590,6 +620,12 @@ class FederatedTrainer(Trainer):
     def _setup(self, model: FederatedClient, datamodule: FederatedDataModule, stage: str) -> None:
         if not isinstance(model, FederatedClient):
             raise TypeError(f"The model must be a harmofl FederatedClient, got {type(model).__name__}.")
+        self._setup_data(datamodule, stage)
+        names = list(datamodule.client_names)
+        self._setup_federation(names, {client: datamodule.num_samples(client, "train") for client in names})
+        self._setup_model(model, stage)
+
+    def _setup_data(self, datamodule: FederatedDataModule, stage: str) -> None:
         if not isinstance(datamodule, FederatedDataModule):
             raise TypeError(f"The data must be a harmofl FederatedDataModule, got {type(datamodule).__name__}.")
         if self.fabric.local_rank == 0:
@@ -597,7 +633,11 @@ class FederatedTrainer(Trainer):
         self.fabric.barrier()
         datamodule.setup(stage)
         self.datamodule = datamodule
-        self.client_names = list(datamodule.client_names)
+
+    def _setup_federation(self, client_names: list[str], train_samples: Mapping[str, int]) -> None:
+        """The clients, who trains and evaluates where, and the clients' aggregation weights (from their numbers
+        of training samples); validates the settings that depend on them."""
+        self.client_names = list(client_names)
         if len(set(self.client_names)) != len(self.client_names) or not self.client_names:
             raise ValueError(f"The data module must name at least one client, each once; got {self.client_names}.")
         if self.world_size > len(self.client_names):
@@ -621,10 +661,13 @@ class FederatedTrainer(Trainer):
                 f"trainer.min_clients={self.min_clients} exceeds the {len(self.participants(0))} clients that train "
                 "each round: lower it."
             )
-        counts = [datamodule.num_samples(client, "train") for client in self.client_names]
+        counts = [train_samples[client] for client in self.client_names]
         self.client_weight = dict(zip(self.client_names, aggregation.client_weights(counts, self.client_weighting)))
         if self.pool_clients:
             self.client_weight[POOLED_CLIENT] = 1.0
+
+    def _setup_model(self, model: FederatedClient, stage: str) -> None:
+        """The one model of this process, its optimizer, and the initial global state (rank 0's weights)."""
         self.fabric.call("setup", trainer=self, pl_module=model, stage=stage)
         model.setup(stage)
         self.module = model

@@ -1,0 +1,84 @@
+"""HarmoFL-Lightning's command line: ``python cli.py fit|validate|test|compare --config configs/demo.yaml``.
+
+Every setting is a typed constructor argument of the trainer (:class:`harmofl.FederatedTrainer`), the client
+model (:class:`harmofl.FederatedClient` subclasses) or the data (:class:`harmofl.data.FederatedDataModule`
+subclasses); ``python cli.py fit --help`` lists them and ``--print_config`` shows a full configuration.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from typing import Union
+
+from jsonargparse import ArgumentParser
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from harmofl.clients import FederatedClient
+from harmofl.compare import run_comparison
+from harmofl.data import FederatedDataModule
+from harmofl.trainer import FederatedTrainer
+
+
+class HarmoFLCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # Federated training and per-client evaluation of checkpoints; no `predict` (yet).
+        return {key: value for key, value in LightningCLI.subcommands().items() if key != "predict"}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # One seed for the whole run: model initialization and the per-round, per-client data order. A boolean
+        # seed_everything is resolved in `before_instantiate_classes`, once Lightning has drawn the seed.
+        parser.link_arguments("seed_everything", "trainer.seed", compute_fn=_trainer_seed)
+
+    def before_instantiate_classes(self) -> None:
+        # Without a subcommand (``run=False``: the Flower apps build their objects) the config is top-level.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        # `seed_everything: true` has been replaced by the random seed drawn (and inherited by the processes
+        # the trainer launches); `false` seeds nothing globally, and the trainer's per-client seeds use 0.
+        config.trainer.seed = _trainer_seed(config.seed_everything)
+        if config.trainer.default_root_dir is None:
+            config_files = config.get("config") or []
+            name = Path(str(config_files[-1])).stem if config_files else "harmofl"
+            config.trainer.default_root_dir = str(Path("runs") / name)
+        if self.subcommand not in ("fit", None):
+            # Evaluating a checkpoint must not overwrite the config.yaml that records how it was trained.
+            self.save_config_callback = None
+
+
+def _trainer_seed(seed_everything: Union[bool, int]) -> int:
+    return 0 if isinstance(seed_everything, bool) else int(seed_everything)
+
+
+def build(args: list[str], trainer_class: type[FederatedTrainer] = FederatedTrainer) -> HarmoFLCLI:
+    """The trainer, client model and data a configuration describes (``args`` as on the command line, without
+    a subcommand), instantiated as ``cli.py fit`` would: ``cli.trainer``, ``cli.model``, ``cli.datamodule``."""
+    with warnings.catch_warnings():
+        # The process's own command line (pytest's, flwr-clientapp's) is not this configuration's: nothing to warn.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return HarmoFLCLI(**_cli_kwargs(trainer_class), args=args, run=False, save_config_callback=None)
+
+
+def _cli_kwargs(trainer_class: type[FederatedTrainer]) -> dict:
+    return dict(
+        model_class=FederatedClient,
+        subclass_mode_model=True,
+        datamodule_class=FederatedDataModule,
+        subclass_mode_data=True,
+        trainer_class=trainer_class,
+        seed_everything_default=0,
+        # The client builds its own WeightPerturbation around the optimizer it is configured with.
+        auto_configure_optimizers=False,
+    )
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["compare"]:
+        # Many fits side by side: a typed function of its own, not a trainer method. A plain parser, because
+        # jsonargparse's CLI() would take `--config` for its own config-file option.
+        parser = ArgumentParser(prog="cli.py compare", description=run_comparison.__doc__)
+        parser.add_function_arguments(run_comparison)
+        run_comparison(**parser.parse_args(sys.argv[2:]).as_dict())
+        return
+    HarmoFLCLI(**_cli_kwargs(FederatedTrainer), save_config_kwargs={"overwrite": True})
