@@ -57,7 +57,9 @@ def build(args: list[str], trainer_class: type[FederatedTrainer] = FederatedTrai
     with warnings.catch_warnings():
         # The process's own command line (pytest's, flwr-clientapp's) is not this configuration's: nothing to warn.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        return HarmoFLCLI(**_cli_kwargs(trainer_class), args=args, run=False, save_config_callback=None)
+        # A bad setting raises (ArgumentError names it) instead of exiting the process: a Flower app reports it.
+        return HarmoFLCLI(**_cli_kwargs(trainer_class), args=args, run=False, save_config_callback=None,
+                          parser_kwargs={"exit_on_error": False})
 
 
 def _cli_kwargs(trainer_class: type[FederatedTrainer]) -> dict:

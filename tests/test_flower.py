@@ -21,6 +21,7 @@ from harmofl.flower import FlowerServer, app, wire  # noqa: E402
 from harmofl.reporting import read_metrics_csv  # noqa: E402
 
 SERVER_NODE = 0
+NO_REPLY = "no reply"  # a LocalGrid failure that drops the reply, as a site that never answers
 # The demo at a test's size: 2 sites, 32x32 patches, 2 rounds.
 TINY = ("trainer.rounds=2 data.init_args.num_sites=2 data.init_args.train_per_site=32 data.init_args.val_per_site=16 "
         "data.init_args.test_per_site=16 data.init_args.image_size=32 data.init_args.batch_size=16")
@@ -63,6 +64,8 @@ class LocalGrid(Grid):
             TaskIdentity.node_id = node  # the reply comes from the node
             try:
                 failure = self.fail.get((message.metadata.message_type, message.metadata.group_id, node))
+                if failure == NO_REPLY:
+                    continue
                 if failure:
                     reply = Message(Error(code=0, reason=failure), reply_to=message)
                 else:
@@ -79,7 +82,7 @@ class LocalGrid(Grid):
 def run_flower(tmp_path: Path, overrides: str = TINY, sites=("site_0", "site_1"), fail=None, **run_config) -> LocalGrid:
     run_config = {"config": "configs/demo.yaml", "overrides": overrides, "num-sites": len(sites),
                   "output-dir": str(tmp_path / "flower"), "connect-timeout": 5, **run_config}
-    grid = LocalGrid([{"site": site} for site in sites], run_config, fail)
+    grid = LocalGrid([site if isinstance(site, dict) else {"site": site} for site in sites], run_config, fail)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SERVER_NODE, 1
     app.run_server(grid, Context(run_id=1, node_id=SERVER_NODE, node_config={}, state=RecordDict(),
                                  run_config=run_config))
@@ -121,7 +124,8 @@ def test_held_out_site_sampling_and_server_momentum_as_in_process(tmp_path):
     # data size, server momentum, harmonization target shared every round.
     overrides = (TINY.replace("data.init_args.num_sites=2", "data.init_args.num_sites=3")
                  + " trainer.held_out_clients=[site_2] trainer.clients_per_round=1 trainer.client_weighting=samples"
-                 " trainer.server_optimizer=harmofl.server.FedAvgM trainer.callbacks.init_args.share_target=every_round")
+                 " trainer.server_optimizer=harmofl.server.FedAvgM"
+                 " trainer.callbacks.init_args.share_target=every_round")
     grid = run_flower(tmp_path, overrides, sites=("site_0", "site_1", "site_2"))
     trained = {(message.metadata.group_id, message.metadata.dst_node_id) for message, _ in grid.traffic
                if message.metadata.message_type == "train"}
@@ -201,6 +205,15 @@ def test_a_failing_site_is_skipped_or_stops_the_run(tmp_path):
         run_flower(tmp_path / "raise", fail=fail)
 
 
+def test_a_site_that_does_not_answer_in_time_has_failed(tmp_path, caplog):
+    run_flower(tmp_path, TINY + " trainer.client_failure=skip", fail={("train", "round-1", 1): NO_REPLY},
+               **{"reply-timeout": 30})
+    checkpoint = load_checkpoint(tmp_path / "flower" / "checkpoints" / "last.ckpt")
+    assert checkpoint["failures"] == [{"round": 1, "client": "site_0",
+                                       "error": "no reply from site 'site_0' within 30.0 s"}]
+    assert "Round 2/2: mean val accuracy" in caplog.text and "1 site failures so far" in caplog.text
+
+
 def test_a_retried_site_gives_the_fault_free_run(tmp_path):
     run_flower(tmp_path / "clean")
 
@@ -242,6 +255,8 @@ def test_configuration_errors_name_the_setting(tmp_path):
         app.configuration_args({"config": "configs/demo.yaml", "overrides": "--trainer.rounds 2"}, [])
     with pytest.raises(RuntimeError, match="could not describe its site.*site_7"):
         run_flower(tmp_path, sites=("site_0", "site_7"))
+    with pytest.raises(RuntimeError, match=r"(?s)could not describe its site.*Option 'root' is not accepted"):
+        run_flower(tmp_path, sites=({"site": "site_0", "data-path": str(tmp_path)}, "site_1"))  # the demo has no root
     with pytest.raises(ValueError, match="both serve site 'site_0'"):
         run_flower(tmp_path, sites=("site_0", "site_0"))
     with pytest.raises(TimeoutError, match="2 of num-sites=3 SuperNodes"):

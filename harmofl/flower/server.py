@@ -10,7 +10,7 @@ from flwr.serverapp import Grid
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from harmofl import validation
+from harmofl import reporting, validation
 from harmofl.clients.base import FederatedClient
 from harmofl.data.base import FederatedDataModule, Split
 from harmofl.flower import wire
@@ -168,6 +168,14 @@ class FlowerServer(FederatedTrainer):
                 )
             results[client] = wire.read_evaluation(content)
         return results
+
+    def _end_round(self, round_idx: int, results: dict[str, dict[str, dict[str, float]]]) -> None:
+        super()._end_round(round_idx, results)
+        # The server's log (`flwr log`, `flwr run --stream`) is where a deployment is watched: one line a round.
+        metric = self.module.primary_metric
+        score = reporting.mean_over_clients(results, self.held_out)["val"][metric]
+        rank_zero_info(f"Round {round_idx + 1}/{self.rounds}: mean val {metric} {score:.4f} (best round "
+                       f"{self.best_round}); {len(self.failures)} site failures so far.")
 
     def _server_state(self) -> dict[str, Any]:
         return {cb.state_key: cb.state_dict() for cb in self._client_state_callbacks()}
