@@ -325,7 +325,7 @@ class FederatedTrainer(Trainer):
     def _run_round(self, round_idx: int) -> None:
         self.current_round = round_idx
         self.fabric.call("on_round_start", trainer=self, pl_module=self.module, round_idx=round_idx)
-        shared = {key: value for key, value in self.global_state.items() if key not in self.local_keys}
+        shared = self.shared_global_state()
         update_sum = aggregation.weighted_sum([], [], shared, device=self.fabric.device)
         updates: dict[str, dict[str, Tensor]] = {}  # robust aggregators need every update, not their sum
         participants = self.participants(round_idx)
@@ -383,14 +383,13 @@ class FederatedTrainer(Trainer):
         client (its amplitude target, its control variate) is rolled back first.
         """
         tolerant = self.client_retries > 0 or self.client_failure == "skip"
-        saved = {cb.state_key: copy.deepcopy(cb.client_state_dict(client))
-                 for cb in self._client_state_callbacks()} if tolerant else {}
+        saved = copy.deepcopy(self._client_callback_states(client)) if tolerant else None
         for attempt in range(self.client_retries + 1):
             try:
                 return self._train_client(client, round_idx, shared, self.client_seed(round_idx, client))
             except Exception as error:  # any fault of one client's training; KeyboardInterrupt is not caught
-                for cb in self._client_state_callbacks() if saved else ():
-                    cb.load_client_state_dict(client, copy.deepcopy(saved[cb.state_key]))
+                if saved is not None:
+                    self._load_client_callback_states(client, copy.deepcopy(saved))
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()  # an out-of-memory client must not starve the next one
                 description = f"{type(error).__name__}: {error}"
@@ -687,7 +686,7 @@ class FederatedTrainer(Trainer):
                 "local_state": record.local_state,
                 "optimizer_state": record.optimizer_state,
                 "module_state": record.module_state,
-                "callbacks": {cb.state_key: cb.client_state_dict(client) for cb in self._client_state_callbacks()},
+                "callbacks": self._client_callback_states(client),
             }
             for client, record in records.items()
         }
@@ -714,6 +713,26 @@ class FederatedTrainer(Trainer):
 
     def _client_state_callbacks(self) -> list[Any]:
         return [cb for cb in self.callbacks if hasattr(cb, "client_state_dict")]
+
+    def _client_callback_states(self, client: str) -> dict[str, Any]:
+        """Every callback's state of ``client`` (its amplitude target, its control variate), by callback state key."""
+        return {cb.state_key: cb.client_state_dict(client) for cb in self._client_state_callbacks()}
+
+    def _load_client_callback_states(self, client: str, states: Mapping[str, Any]) -> None:
+        """Restore the callbacks' state of ``client`` from ``states`` (callbacks absent from it are left as is)."""
+        for cb in self._client_state_callbacks():
+            if cb.state_key in states:
+                cb.load_client_state_dict(client, states[cb.state_key])
+
+    def _load_callback_states(self, states: Mapping[str, Any]) -> None:
+        """Restore the callbacks' global state from ``states`` (callbacks absent from it are left as they are)."""
+        for cb in self.callbacks:
+            if isinstance(cb, Callback) and cb.state_key in states:
+                cb.load_state_dict(states[cb.state_key])
+
+    def shared_global_state(self) -> dict[str, Tensor]:
+        """The global weights the clients share: every key but those each client keeps local."""
+        return {key: value for key, value in self.global_state.items() if key not in self.local_keys}
 
     def _restore(self, path: Path, with_optimizers: bool) -> int:
         """Load a federated checkpoint into this trainer; returns the number of completed rounds."""
@@ -743,12 +762,8 @@ class FederatedTrainer(Trainer):
                 optimizer_state=saved["optimizer_state"] if with_optimizers else None,
                 module_state=saved.get("module_state", {}),
             )
-            for cb in self._client_state_callbacks():
-                if cb.state_key in saved["callbacks"]:
-                    cb.load_client_state_dict(client, saved["callbacks"][cb.state_key])
-        for cb in self.callbacks:
-            if isinstance(cb, Callback) and cb.state_key in checkpoint["callbacks"]:
-                cb.load_state_dict(checkpoint["callbacks"][cb.state_key])
+            self._load_client_callback_states(client, saved["callbacks"])
+        self._load_callback_states(checkpoint["callbacks"])
         self.server_optimizer.load_state_dict(checkpoint["server_optimizer"])
         self.history = list(checkpoint["history"])
         self.failures = list(checkpoint.get("failures", []))

@@ -104,13 +104,12 @@ class FlowerServer(FederatedTrainer):
         """Every participant trains at its site, all at once; a failed site is asked again ``client_retries`` times
         (from the same weights and seed), then the failure policy applies."""
         requested = [cb.state_key for cb in self._client_state_callbacks() if cb.shares_client_states()]
-        server_state = self._server_state()
+        broadcast = self._broadcast(shared)
         outcomes: dict[str, Union[ClientUpdate, str]] = {}
         pending = list(participants)
         for attempt in range(self.client_retries + 1):
             instructions = {
-                client: wire.train_instruction(shared, server_state, round_idx, self.client_seed(round_idx, client),
-                                               requested)
+                client: wire.train_instruction(broadcast, round_idx, self.client_seed(round_idx, client), requested)
                 for client in pending
             }
             replies = self._exchange_with_sites(instructions, MessageType.TRAIN, group=f"round-{round_idx + 1}")
@@ -146,16 +145,13 @@ class FlowerServer(FederatedTrainer):
         missing = [key for key in requested if key not in states]
         if missing:
             return f"the reply lacks the requested callback states {missing}"
-        for callback in self._client_state_callbacks():
-            if callback.state_key in requested:
-                callback.load_client_state_dict(client, states[callback.state_key])
+        self._load_client_callback_states(client, {key: states[key] for key in requested})  # what was asked, only
         metrics = content.metric_records[wire.METRICS]
         return ClientUpdate(update, float(metrics["loss"]), int(metrics["num-steps"]))
 
     def _evaluate_clients(self, splits: tuple[Split, ...]) -> dict[str, dict[str, dict[str, float]]]:
         """Every site evaluates the global model (with its local weights) on ``splits``."""
-        shared = {key: value for key, value in self.global_state.items() if key not in self.local_keys}
-        instruction = wire.evaluate_instruction(shared, self._server_state(), splits)
+        instruction = wire.evaluate_instruction(self._broadcast(self.shared_global_state()), splits)
         replies = self._exchange_with_sites({client: instruction for client in self.client_names},
                                             MessageType.EVALUATE, group=f"evaluate-{self.current_round + 1}")
         results = {}
@@ -177,8 +173,9 @@ class FlowerServer(FederatedTrainer):
         rank_zero_info(f"Round {round_idx + 1}/{self.rounds}: mean val {metric} {score:.4f} (best round "
                        f"{self.best_round}); {len(self.failures)} site failures so far.")
 
-    def _server_state(self) -> dict[str, Any]:
-        return {cb.state_key: cb.state_dict() for cb in self._client_state_callbacks()}
+    def _broadcast(self, shared: Mapping[str, Tensor]) -> dict[str, Any]:
+        """``shared`` and the federated callbacks' global state (the shared amplitude target), encoded once."""
+        return wire.broadcast_records(shared, {cb.state_key: cb.state_dict() for cb in self._client_state_callbacks()})
 
     # -- messages ------------------------------------------------------------------------------------------------
 

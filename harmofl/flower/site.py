@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
+from harmofl import validation
 from harmofl.clients.base import FederatedClient
 from harmofl.data.base import FederatedDataModule, Split
 from harmofl.trainer import ClientRecord, ClientUpdate, FederatedTrainer, _to_host
@@ -33,7 +34,7 @@ class FlowerSite(FederatedTrainer):
         self.my_clients = self.my_trainees = [site]
         self._setup_model(model, "fit")
         self.initial_state = dict(self.global_state)
-        self.shared_keys = [key for key in self.initial_state if key not in self.local_keys]
+        self.shared_keys = list(self.shared_global_state())
 
     @property
     def train_samples(self) -> int:
@@ -55,14 +56,11 @@ class FlowerSite(FederatedTrainer):
 
     def load_server_state(self, states: Mapping[str, Any]) -> None:
         """The federated callbacks' global state the server sent (the shared amplitude target)."""
-        for callback in self._client_state_callbacks():
-            if callback.state_key in states:
-                callback.load_state_dict(states[callback.state_key])
+        self._load_callback_states(states)
 
     def client_states(self, keys: list[str]) -> dict[str, Any]:
         """The callbacks' state of this site that the server asked for (by callback state key)."""
-        return {cb.state_key: cb.client_state_dict(self.site) for cb in self._client_state_callbacks()
-                if cb.state_key in keys}
+        return {key: state for key, state in self._client_callback_states(self.site).items() if key in keys}
 
     def site_state(self) -> dict[str, Any]:
         """What the site keeps between rounds; it never leaves the site."""
@@ -70,20 +68,19 @@ class FlowerSite(FederatedTrainer):
         return {
             "record": {"local_state": record.local_state, "optimizer_state": record.optimizer_state,
                        "module_state": record.module_state},
-            "callbacks": {cb.state_key: cb.client_state_dict(self.site) for cb in self._client_state_callbacks()},
+            "callbacks": self._client_callback_states(self.site),
         }
 
     def load_site_state(self, state: Mapping[str, Any]) -> None:
         self.client_records[self.site] = ClientRecord(**state["record"])
-        for callback in self._client_state_callbacks():
-            if callback.state_key in state["callbacks"]:
-                callback.load_client_state_dict(self.site, state["callbacks"][callback.state_key])
+        self._load_client_callback_states(self.site, state["callbacks"])
 
     def _receive(self, shared: Mapping[str, Tensor]) -> None:
-        if sorted(shared) != sorted(self.shared_keys):
-            differing = sorted(set(shared) ^ set(self.shared_keys))[:5]
+        try:  # the server's weights must fit this site's model: the same checks as the server's of an update
+            validation.check_update(shared, {key: self.initial_state[key] for key in self.shared_keys})
+        except validation.InvalidUpdate as error:
             raise ValueError(
-                f"The server's weights and this site's shared keys differ ({differing}): the server and the sites "
-                "must run the same configuration."
-            )
+                f"The server's weights do not fit this site's model: {error}. The server and the sites must run the "
+                "same configuration."
+            ) from error
         self.global_state = {**self.initial_state, **shared}

@@ -73,20 +73,21 @@ def read_weights(content: RecordDict) -> dict[str, Tensor]:
     return state
 
 
-def train_instruction(
-    shared: Mapping[str, Tensor], server_state: Mapping[str, Any], round_idx: int, seed: int,
-    requested_states: list[str],
-) -> RecordDict:
-    """The content of a ``train`` message: train from ``shared`` in round ``round_idx`` (0-based) with ``seed``."""
+def broadcast_records(shared: Mapping[str, Tensor], server_state: Mapping[str, Any]) -> dict[str, Any]:
+    """What every site receives alike: the shared global weights and the callbacks' global state, encoded once."""
+    return {**weight_records(shared), SERVER_STATE: blob_record(dict(server_state))}
+
+
+def train_instruction(broadcast: Mapping[str, Any], round_idx: int, seed: int, requested_states: list[str]
+                      ) -> RecordDict:
+    """The content of a ``train`` message: train from ``broadcast`` in round ``round_idx`` (0-based) with ``seed``."""
     config = ConfigRecord({"round": round_idx, "seed": seed, "client-states": ",".join(requested_states)})
-    return RecordDict({**weight_records(shared), SERVER_STATE: blob_record(dict(server_state)), CONFIG: config})
+    return RecordDict({**broadcast, CONFIG: config})
 
 
-def evaluate_instruction(shared: Mapping[str, Tensor], server_state: Mapping[str, Any], splits: tuple[str, ...]
-                         ) -> RecordDict:
-    """The content of an ``evaluate`` message: evaluate ``shared`` on ``splits``."""
-    config = ConfigRecord({"splits": ",".join(splits)})
-    return RecordDict({**weight_records(shared), SERVER_STATE: blob_record(dict(server_state)), CONFIG: config})
+def evaluate_instruction(broadcast: Mapping[str, Any], splits: tuple[str, ...]) -> RecordDict:
+    """The content of an ``evaluate`` message: evaluate ``broadcast``'s weights on ``splits``."""
+    return RecordDict({**broadcast, CONFIG: ConfigRecord({"splits": ",".join(splits)})})
 
 
 def train_reply(update: Mapping[str, Tensor], loss: float, num_steps: int, client_states: Mapping[str, Any]
