@@ -16,7 +16,7 @@ from harmofl.checkpoint import load_checkpoint
 from harmofl.contrastive import flatten_representation, model_contrastive_loss
 from harmofl.reporting import read_metrics_csv
 from harmofl.trainer import POOLED_CLIENT, FederatedTrainer
-from tests.conftest import tiny_classifier, tiny_histology, tiny_segmenter
+from helpers import tiny_classifier, tiny_histology, tiny_segmenter
 
 LR = 0.1
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from harmofl.data.camelyon import PATCH, Camelyon17
 from harmofl.data.files import DataError
-from tests.conftest import run_cli
+from helpers import run_cli
 
 HEADER = ["", "patient", "node", "x_coord", "y_coord", "tumor", "slide", "center", "split"]
 # Patches per patient at each hospital (center): hospitals differ in size, so truncation shows.

@@ -9,7 +9,7 @@ import torch
 from harmofl.checkpoint import load_checkpoint
 from harmofl.cli import main as cli_main
 from harmofl.reporting import read_metrics_csv
-from tests.conftest import REPO, run_cli
+from helpers import REPO, run_cli
 
 TINY = [
     "--data.init_args.train_per_site", "16", "--data.init_args.val_per_site", "8",

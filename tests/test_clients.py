@@ -12,7 +12,7 @@ from callbacks import AmplitudeHarmonization
 from harmofl.clients import ClassificationClient, SegmentationClient
 from harmofl.losses import ce_dice_loss, soft_dice_loss
 from harmofl.perturbation import WeightPerturbation
-from tests.conftest import SGD, tiny_classifier, tiny_segmenter
+from helpers import SGD, tiny_classifier, tiny_segmenter
 
 
 def _batch(num_classes=2, segmentation=False, seed=0):

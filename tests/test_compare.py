@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from harmofl import compare
-from tests.conftest import REPO, run_cli
+from helpers import REPO, run_cli
 
 TINY = ("--trainer.rounds 1 --data.num_sites 2 --data.train_per_site 16 --data.val_per_site 8 "
         "--data.test_per_site 8 --data.image_size 32 --data.batch_size 8")

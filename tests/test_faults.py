@@ -12,7 +12,7 @@ from harmofl import validation
 from harmofl.aggregation import coordinate_median, trimmed_mean, weighted_average
 from harmofl.checkpoint import load_checkpoint
 from harmofl.trainer import FederatedTrainer
-from tests.conftest import tiny_classifier, tiny_histology
+from helpers import tiny_classifier, tiny_histology
 
 
 class FailingClient(Callback):

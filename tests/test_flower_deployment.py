@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("flwr", reason="Flower is an optional extra: pip install -e '.[flower]'")
 
 from harmofl.checkpoint import load_checkpoint  # noqa: E402
-from tests.conftest import REPO  # noqa: E402
+from helpers import REPO  # noqa: E402
 from tests.test_flower import TINY, run_in_process  # noqa: E402
 
 BIN = Path(sys.executable).parent

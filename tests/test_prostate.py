@@ -15,7 +15,7 @@ import torch
 from harmofl.data import SPLITS
 from harmofl.data.files import DataError
 from harmofl.data.prostate import ProstateMRI, context_stack, preprocess_case
-from tests.conftest import run_cli
+from helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (32, 32, 10)  # voxels [X, Y, Z]; slices along Z

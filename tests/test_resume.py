@@ -13,7 +13,7 @@ import torch
 
 from harmofl.checkpoint import load_checkpoint
 from harmofl.reporting import read_metrics_csv
-from tests.conftest import REPO, run_cli
+from helpers import REPO, run_cli
 from tests.test_cli import TINY
 
 # Every piece of state a resume must restore: momentum, server momentum, a running amplitude target shared

@@ -15,7 +15,7 @@ from PIL import Image
 from harmofl.data.base import SPLITS
 from harmofl.data.files import DataError
 from harmofl.data.segmentation_folders import SegmentationFolders, tile_offsets
-from tests.conftest import REPO, run_cli
+from helpers import REPO, run_cli
 
 HEIGHT, WIDTH = 64, 48
 PATCH = 32

@@ -13,7 +13,7 @@ from PIL import Image
 
 from harmofl.data.files import DataError
 from harmofl.data.folders import SiteFolders
-from tests.conftest import run_cli
+from helpers import run_cli
 
 FORMATS = (".png", ".jpg", ".bmp", ".tif")
 

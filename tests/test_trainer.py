@@ -11,7 +11,7 @@ from harmofl.aggregation import weighted_average
 from harmofl.checkpoint import load_checkpoint
 from harmofl.reporting import read_metrics_csv
 from harmofl.trainer import FederatedTrainer
-from tests.conftest import tiny_classifier, tiny_histology, tiny_nuclei, tiny_segmenter
+from helpers import tiny_classifier, tiny_histology, tiny_nuclei, tiny_segmenter
 
 
 class Recorder(Callback):
