@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import torch
-from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from harmofl.amplitude import amplitude_spectrum, check_band, harmonize, update_running_amplitude
+from harmofl.federation.callback import FederatedCallback
+
+if TYPE_CHECKING:
+    from harmofl.trainer import FederatedTrainer
 
 TargetSharing = Literal["never", "first_round", "every_round"]
 Preset = Literal["reference", "paper"]
@@ -25,7 +29,7 @@ PRESETS: dict[str, dict[str, float]] = {
 LOCAL_CLIENT = "local"
 
 
-class AmplitudeHarmonization(Callback):
+class AmplitudeHarmonization(FederatedCallback):
     """Replaces the low-frequency amplitude of every image by a target amplitude, before the model sees it.
 
     Each client keeps a running mean of its own training images' amplitude. The orchestrator calls
@@ -71,7 +75,7 @@ class AmplitudeHarmonization(Callback):
         """The shared target once it exists, else the client's own running target (None before training)."""
         return self.shared_target if self.shared_target is not None else self.client_targets.get(client)
 
-    def _harmonize_batch(self, trainer: Any, batch: Any, update: bool) -> None:
+    def _harmonize_batch(self, trainer: Trainer, batch: Any, update: bool) -> None:
         images = _images_of(batch)
         client = _current_client(trainer)
         running = self.client_targets.get(client)
@@ -92,21 +96,21 @@ class AmplitudeHarmonization(Callback):
         with torch.no_grad():
             images.copy_(harmonize(images, target.to(images.device), self.band))
 
-    def on_train_batch_start(self, trainer: Any, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._harmonize_batch(trainer, batch, update=True)
 
     def on_validation_batch_start(
-        self, trainer: Any, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self._harmonize_batch(trainer, batch, update=False)
 
     def on_test_batch_start(
-        self, trainer: Any, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self._harmonize_batch(trainer, batch, update=False)
 
     def on_predict_batch_start(
-        self, trainer: Any, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self._harmonize_batch(trainer, batch, update=False)
 
@@ -116,7 +120,7 @@ class AmplitudeHarmonization(Callback):
         """Whether this round's :meth:`on_aggregate` averages the clients' targets (they must reach the server)."""
         return self.share_target == "every_round" or (self.share_target == "first_round" and not self.frozen)
 
-    def on_aggregate(self, trainer: Any, pl_module: LightningModule, round_idx: int) -> None:
+    def on_aggregate(self, trainer: FederatedTrainer, pl_module: LightningModule, round_idx: int) -> None:
         """After the server aggregated round ``round_idx`` (0-based): share the clients' targets if due."""
         if not self.shares_client_states():
             return
@@ -167,7 +171,8 @@ def _images_of(batch: Any) -> Tensor:
     return images
 
 
-def _current_client(trainer: Any) -> str:
+def _current_client(trainer: Trainer) -> str:
+    # A FederatedTrainer names the client it runs; a plain Lightning Trainer trains one model, ``local``.
     return getattr(trainer, "current_client", None) or LOCAL_CLIENT
 
 

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
-from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from harmofl import scaffold
+from harmofl.clients.base import FederatedClient
+from harmofl.federation.callback import FederatedCallback
+from harmofl.trainer import FederatedTrainer
 
 Controls = dict[str, Tensor]
 
 
-class Scaffold(Callback):
+class Scaffold(FederatedCallback):
     """SCAFFOLD (Karimireddy et al. 2020) on top of the orchestrator's aggregation (FedAvg by default).
 
     While a client trains, its module's gradients are corrected by ``c − c_i`` (through
@@ -28,6 +31,9 @@ class Scaffold(Callback):
     combines with it (the corrected gradient is the one taken at the perturbed weights).
     """
 
+    #: The per-round control changes are not in the Flower protocol yet.
+    deployable: ClassVar[bool] = False
+
     def __init__(self) -> None:
         self.server_control: Optional[Controls] = None
         self.client_controls: dict[str, Controls] = {}
@@ -35,19 +41,23 @@ class Scaffold(Callback):
         self._start_weights: Controls = {}
         self._num_steps = 0
 
-    def on_train_client_start(self, trainer: Any, pl_module: LightningModule, client: str, num_batches: int) -> None:
+    def on_train_client_start(
+        self, trainer: FederatedTrainer, pl_module: LightningModule, client: str, num_batches: int
+    ) -> None:
         _sgd_settings(pl_module)  # refuse another optimizer before any step
         parameters = _shared_parameters(trainer, pl_module)
         server, own = self._server_control(parameters), self._client_control(client, parameters)
         device = pl_module.device
-        pl_module.gradient_correction = {
+        _client(pl_module).gradient_correction = {
             name: value.to(device) for name, value in scaffold.gradient_correction(server, own).items()
         }
         self._start_weights = {name: p.detach().to("cpu", copy=True) for name, p in parameters.items()}
         self._num_steps = num_batches
 
-    def on_train_client_end(self, trainer: Any, pl_module: LightningModule, client: str) -> None:
-        pl_module.gradient_correction = None
+    def on_train_client_end(
+        self, trainer: FederatedTrainer, pl_module: LightningModule, client: str, loss: float
+    ) -> None:
+        _client(pl_module).gradient_correction = None
         parameters = _shared_parameters(trainer, pl_module)
         own = self._client_control(client, parameters)
         lr, momentum = _sgd_settings(pl_module)
@@ -63,13 +73,13 @@ class Scaffold(Callback):
         self._round_deltas[client] = {name: updated[name] - own[name] for name in updated}
         self.client_controls[client] = updated
 
-    def on_aggregate(self, trainer: Any, pl_module: LightningModule, round_idx: int) -> None:
+    def on_aggregate(self, trainer: FederatedTrainer, pl_module: LightningModule, round_idx: int) -> None:
         """Move the server control by the participants' weighted mean change (every process takes part)."""
         mean_delta = trainer.aggregate_client_values(self._round_deltas)
         self._round_deltas = {}
         if mean_delta is None:
             return
-        participation = len(trainer.participants(round_idx)) / len(trainer.trainee_names)
+        participation = len(trainer.federation.participants(round_idx)) / len(trainer.federation.trainees)
         server = self.server_control or {name: torch.zeros_like(d) for name, d in mean_delta.items()}
         self.server_control = scaffold.updated_server_control(server, mean_delta, participation)
 
@@ -97,13 +107,19 @@ class Scaffold(Callback):
             self.client_controls[client] = state["control"]
 
 
-def _shared_parameters(trainer: Any, pl_module: LightningModule) -> dict[str, Tensor]:
+def _shared_parameters(trainer: FederatedTrainer, pl_module: LightningModule) -> dict[str, Tensor]:
     """The trainable parameters every client sends (not those ``trainer.local_modules`` keeps local)."""
-    if not hasattr(trainer, "aggregate_client_values"):
+    if not isinstance(trainer, FederatedTrainer):
         raise TypeError("callbacks.Scaffold needs the federated orchestrator (harmofl.FederatedTrainer).")
     return {
         name: p for name, p in pl_module.named_parameters() if p.requires_grad and name not in trainer.local_keys
     }
+
+
+def _client(pl_module: LightningModule) -> FederatedClient:
+    if not isinstance(pl_module, FederatedClient):
+        raise TypeError(f"callbacks.Scaffold needs a harmofl FederatedClient, got {type(pl_module).__name__}.")
+    return pl_module
 
 
 def _zeros(parameters: dict[str, Tensor]) -> Controls:
@@ -112,7 +128,7 @@ def _zeros(parameters: dict[str, Tensor]) -> Controls:
 
 def _sgd_settings(pl_module: LightningModule) -> tuple[float, float]:
     """(learning rate, momentum) of the client's base optimizer, which must be plain or heavy-ball SGD."""
-    optimizer = pl_module.optimizers()
+    optimizer: Any = pl_module.optimizers()  # one optimizer: the client's WeightPerturbation
     base = getattr(optimizer, "optimizer", optimizer)  # Fabric's wrapper
     base = getattr(base, "base_optimizer", base)  # the weight-perturbation wrapper
     group = base.param_groups[0]

@@ -51,24 +51,24 @@ def _trainer_seed(seed_everything: Union[bool, int]) -> int:
     return 0 if isinstance(seed_everything, bool) else int(seed_everything)
 
 
-def build(args: list[str], trainer_class: type[FederatedTrainer] = FederatedTrainer) -> HarmoFLCLI:
+def build(args: list[str]) -> HarmoFLCLI:
     """The trainer, client model and data a configuration describes (``args`` as on the command line, without
     a subcommand), instantiated as ``cli.py fit`` would: ``cli.trainer``, ``cli.model``, ``cli.datamodule``."""
     with warnings.catch_warnings():
         # The process's own command line (pytest's, flwr-clientapp's) is not this configuration's: nothing to warn.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         # A bad setting raises (ArgumentError names it) instead of exiting the process: a Flower app reports it.
-        return HarmoFLCLI(**_cli_kwargs(trainer_class), args=args, run=False, save_config_callback=None,
+        return HarmoFLCLI(**_cli_kwargs(), args=args, run=False, save_config_callback=None,
                           parser_kwargs={"exit_on_error": False})
 
 
-def _cli_kwargs(trainer_class: type[FederatedTrainer]) -> dict:
+def _cli_kwargs() -> dict:
     return dict(
         model_class=FederatedClient,
         subclass_mode_model=True,
         datamodule_class=FederatedDataModule,
         subclass_mode_data=True,
-        trainer_class=trainer_class,
+        trainer_class=FederatedTrainer,
         seed_everything_default=0,
         # The client builds its own WeightPerturbation around the optimizer it is configured with.
         auto_configure_optimizers=False,
@@ -83,4 +83,4 @@ def main() -> None:
         parser.add_function_arguments(run_comparison)
         run_comparison(**parser.parse_args(sys.argv[2:]).as_dict())
         return
-    HarmoFLCLI(**_cli_kwargs(FederatedTrainer), save_config_kwargs={"overwrite": True})
+    HarmoFLCLI(**_cli_kwargs(), save_config_kwargs={"overwrite": True})

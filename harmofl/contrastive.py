@@ -62,7 +62,7 @@ def forward_with_representation(network: nn.Module, images: Tensor, layer: str, 
 def flatten_representation(features: Union[Tensor, Sequence[Tensor]]) -> Tensor:
     """``[B, D]`` from vectors ``[B, D]``, a feature map ``[B, C, H, W]`` (spatial mean) or a pyramid of maps
     (its last, deepest map)."""
-    if isinstance(features, (list, tuple)):
+    if not isinstance(features, Tensor):
         features = features[-1]
     if features.dim() == 4:
         return features.mean(dim=(2, 3))

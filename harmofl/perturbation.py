@@ -14,7 +14,7 @@ This is non-adaptive SAM with ``ρ = α``. With ``α = 0`` the wrapper is the ba
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union, cast
 
 import torch
 from torch import Tensor
@@ -80,7 +80,8 @@ class WeightPerturbation(Optimizer):
             # The state dict is shared with Fabric's optimizer wrapper (a shallow copy), so the saved weights
             # are found again by `step()` whichever object it is called on.
             self.state[p]["unperturbed"] = p.detach().clone()
-            p.add_(p.grad * scale.to(p.grad.dtype))
+            gradient = cast(Tensor, p.grad)  # params hold only parameters with gradients
+            p.add_(gradient * scale.to(gradient.dtype))
         for p in params:
             p.grad = None
         return grad_norm

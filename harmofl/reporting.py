@@ -46,6 +46,16 @@ def history_rows(round_number: int, results: Results, held_out: Collection[str] 
     return rows
 
 
+def logged_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """History rows as logger series: ``<client>/<split>/<metric>``."""
+    return {
+        f"{row['client']}/{row['split']}/{name}": value
+        for row in rows
+        for name, value in row.items()
+        if name not in ("round", "client", "split")
+    }
+
+
 def write_metrics_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     """The long-format history: one row per round, client and split; one column per metric."""
     metric_names = sorted({key for row in rows for key in row} - {"round", "client", "split"})

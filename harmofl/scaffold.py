@@ -24,7 +24,7 @@ Controls = Mapping[str, Tensor]
 
 def accumulated_steps(num_steps: int, momentum: float = 0.0) -> float:
     """``a_K``: how many plain gradient steps ``K`` SGD steps with momentum ``ρ`` add up to (also FedNova's
-    normalizer, :class:`harmofl.server.FedNova`)."""
+    normalizer, :class:`harmofl.server_optimizers.FedNova`)."""
     if num_steps < 1:
         raise ValueError(f"The number of local steps must be >= 1, got {num_steps}.")
     if not 0.0 <= momentum < 1.0:

@@ -9,7 +9,9 @@ back onto it (``clip``) or refused (``reject``).
 from __future__ import annotations
 
 import math
-from typing import Literal, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -73,3 +75,30 @@ def bound_update(
             start = reference.to(update[key].device)
             clipped[key] = start + (update[key] - start) * scale
     return clipped
+
+
+@dataclass(frozen=True)
+class UpdateGuard:
+    """The server's guard on every update: :func:`check_update`, then :func:`bound_update` when a bound is set.
+
+    Args:
+        max_distance: a bound on ``‖θ_k − θ‖₂`` (``trainer.max_update_distance``); None: unbounded.
+        policy: ``clip`` scales an update beyond the bound back onto it; ``reject`` refuses it.
+    """
+
+    max_distance: float | None = None
+    policy: NormPolicy = "clip"
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("clip", "reject"):
+            raise ValueError(f"trainer.update_distance_policy must be one of ('clip', 'reject'), got {self.policy!r}.")
+        if self.max_distance is not None and self.max_distance <= 0:
+            raise ValueError(f"trainer.max_update_distance must be > 0 or null (no bound), got {self.max_distance}.")
+
+    def check(self, update: StateDict, shared: StateDict) -> dict[str, Tensor]:
+        """``update`` checked against the global ``shared`` weights and bounded; raises :class:`InvalidUpdate`
+        when refused."""
+        check_update(update, shared)
+        if self.max_distance is None:
+            return dict(update)
+        return bound_update(update, shared, self.max_distance, self.policy)

@@ -15,7 +15,8 @@ from harmofl import scaffold
 from harmofl.checkpoint import load_checkpoint
 from harmofl.contrastive import flatten_representation, model_contrastive_loss
 from harmofl.reporting import read_metrics_csv
-from harmofl.trainer import POOLED_CLIENT, FederatedTrainer
+from harmofl.federation.topology import POOLED_CLIENT
+from harmofl.trainer import FederatedTrainer
 from helpers import tiny_classifier, tiny_histology, tiny_segmenter
 
 LR = 0.1

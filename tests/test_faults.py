@@ -10,6 +10,7 @@ from lightning.pytorch import Callback
 from callbacks import AmplitudeHarmonization
 from harmofl import validation
 from harmofl.aggregation import coordinate_median, trimmed_mean, weighted_average
+from harmofl.aggregators import Median, TrimmedMean
 from harmofl.checkpoint import load_checkpoint
 from harmofl.trainer import FederatedTrainer
 from helpers import tiny_classifier, tiny_histology
@@ -138,11 +139,11 @@ def test_update_distance_bound_clips_or_rejects(trainer_kwargs, tmp_path):
              client_failure="skip")
 
 
-@pytest.mark.parametrize("aggregator", ["median", "trimmed_mean"])
+@pytest.mark.parametrize("aggregator", [Median(), TrimmedMean(trim_ratio=0.34)])
 def test_robust_aggregation_ignores_one_poisoned_site(trainer_kwargs, aggregator):
     trained = Trained()
     trainer, _ = _fit(trainer_kwargs, [Poison("site_2", 1000.0), trained], num_sites=3, rounds=1,
-                      aggregator=aggregator, trim_ratio=0.34)
+                      aggregator=aggregator)
     states = [trained.states[(0, c)] for c in ("site_0", "site_1", "site_2")]
     expected = coordinate_median(states, states[0])
     for key, value in expected.items():
@@ -202,19 +203,19 @@ def test_bound_update_scales_onto_the_bound():
         ({"max_update_distance": 0.0}, "max_update_distance"),
         ({"update_distance_policy": "drop"}, "update_distance_policy"),
         ({"aggregator": "krum"}, "aggregator"),
-        ({"trim_ratio": 0.5}, "trim_ratio"),
+        ({"aggregator": lambda: TrimmedMean(trim_ratio=0.5)}, "trim_ratio"),
     ],
 )
 def test_bad_integrity_settings_are_rejected_before_any_work(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        FederatedTrainer(enable_progress_bar=False, **kwargs)
+        FederatedTrainer(enable_progress_bar=False, **{k: v() if callable(v) else v for k, v in kwargs.items()})
 
 
 def test_fednova_needs_the_weighted_mean():
-    from harmofl.server import FedNova
+    from harmofl.server_optimizers import FedNova
 
     with pytest.raises(ValueError, match="FedNova"):
-        FederatedTrainer(aggregator="median", server_optimizer=FedNova(), enable_progress_bar=False)
+        FederatedTrainer(aggregator=Median(), server_optimizer=FedNova(), enable_progress_bar=False)
 
 
 class _RunsCode:

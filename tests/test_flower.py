@@ -17,7 +17,8 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from harmofl.checkpoint import load_checkpoint  # noqa: E402
 from harmofl.cli import build  # noqa: E402
-from harmofl.flower import FlowerServer, app, wire  # noqa: E402
+from harmofl.flower import FlowerExecutor, app, wire  # noqa: E402
+from harmofl.trainer import FederatedTrainer  # noqa: E402
 from harmofl.reporting import read_metrics_csv  # noqa: E402
 
 SERVER_NODE = 0
@@ -124,7 +125,7 @@ def test_held_out_site_sampling_and_server_momentum_as_in_process(tmp_path):
     # data size, server momentum, harmonization target shared every round.
     overrides = (TINY.replace("data.init_args.num_sites=2", "data.init_args.num_sites=3")
                  + " trainer.held_out_clients=[site_2] trainer.clients_per_round=1 trainer.client_weighting=samples"
-                 " trainer.server_optimizer=harmofl.server.FedAvgM"
+                 " trainer.server_optimizer=harmofl.server_optimizers.FedAvgM"
                  " trainer.callbacks.init_args.share_target=every_round")
     grid = run_flower(tmp_path, overrides, sites=("site_0", "site_1", "site_2"))
     trained = {(message.metadata.group_id, message.metadata.dst_node_id) for message, _ in grid.traffic
@@ -265,11 +266,11 @@ def test_configuration_errors_name_the_setting(tmp_path):
         run_flower(tmp_path, config="configs/demo.yaml,configs/strategies/scaffold.yaml")
     with pytest.raises(ValueError, match="pool_clients"):
         run_flower(tmp_path, TINY + " trainer.pool_clients=true")
-    server = FlowerServer(accelerator="cpu", enable_progress_bar=False)
+    server = FederatedTrainer(accelerator="cpu", enable_progress_bar=False)
     with pytest.raises(ValueError, match="cannot continue from a checkpoint"):
-        server.fit(None, ckpt_path="last")
+        server.fit(None, ckpt_path="last", executor=FlowerExecutor(LocalGrid([], {}), 1, 0, None))
     with pytest.raises(RuntimeError, match="needs a Flower grid"):
-        server.fit(None)
+        FlowerExecutor(None, 1, 0, None)
 
 
 def test_wire_refuses_pickled_code():

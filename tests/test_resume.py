@@ -22,7 +22,7 @@ STATEFUL = [
     "--config", "configs/demo.yaml", "--config", "configs/strategies/scaffold.yaml",
     "--trainer.callbacks+=callbacks.AmplitudeHarmonization", "--trainer.callbacks.preset=paper",
     "--trainer.callbacks.share_target=every_round",
-    "--trainer.server_optimizer=harmofl.server.FedAvgM", "--trainer.clients_per_round=3",
+    "--trainer.server_optimizer=harmofl.server_optimizers.FedAvgM", "--trainer.clients_per_round=3",
     "--model.init_args.alpha=0.05", *TINY,
 ]
 ROUNDS = 6

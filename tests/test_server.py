@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from harmofl.server import FedAdam, FedAvg, FedAvgM, FedYogi
+from harmofl.server_optimizers import FedAdam, FedAvg, FedAvgM, FedYogi
 
 
 def _states(seed: int):
@@ -71,7 +71,7 @@ def test_bad_settings_are_rejected(make):
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_fednova_is_normalized_averaging_of_wang_et_al(momentum):
-    from harmofl.server import Contribution, FedNova
+    from harmofl.server_optimizers import Contribution, FedNova
 
     x = _states(0)
     clients = [_states(1), _states(2), _states(3)]
@@ -93,7 +93,7 @@ def test_fednova_is_normalized_averaging_of_wang_et_al(momentum):
 
 
 def test_fednova_with_equal_steps_is_fedavg():
-    from harmofl.server import Contribution, FedNova
+    from harmofl.server_optimizers import Contribution, FedNova
 
     x, means = _rounds()
     same = [Contribution(1.0, 4), Contribution(3.0, 4)]

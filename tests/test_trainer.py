@@ -133,7 +133,7 @@ def test_sample_weighting_and_local_steps(trainer_kwargs):
                                **trainer_kwargs)
     trainer.fit(tiny_classifier(), data)
     assert len(recorder.losses) == 2 * 3
-    assert trainer.client_weight == {"site_0": 16.0, "site_1": 16.0}
+    assert trainer.federation.client_weight == {"site_0": 16.0, "site_1": 16.0}
 
 
 def test_segmentation_fit_reports_dice(trainer_kwargs):
@@ -178,7 +178,7 @@ def test_missing_checkpoint_is_a_clear_error(trainer_kwargs):
 
 
 def test_server_optimizer_turns_the_clients_mean_into_the_global_model(trainer_kwargs):
-    from harmofl.server import FedAdam
+    from harmofl.server_optimizers import FedAdam
 
     recorder = Recorder()
     trainer = FederatedTrainer(rounds=2, server_optimizer=FedAdam(lr=0.05), callbacks=[recorder], **trainer_kwargs)
@@ -259,7 +259,7 @@ def test_fednova_normalizes_by_each_clients_local_steps(trainer_kwargs):
     from torch.utils.data import Subset
 
     from harmofl.data import FederatedDataModule
-    from harmofl.server import Contribution, FedNova
+    from harmofl.server_optimizers import Contribution, FedNova
 
     class Uneven(FederatedDataModule):
         """site_1 keeps half of its training data: 1 local step against site_0's 2."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from abc import abstractmethod
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, cast
 
 import torch
 from lightning.pytorch import LightningModule
@@ -225,7 +225,7 @@ class FederatedClient(LightningModule):
         Returns the task loss of the unperturbed pass (the one that is logged).
         """
         images, targets = batch
-        optimizer = self.optimizers()
+        optimizer: Any = self.optimizers()  # one optimizer: the WeightPerturbation of configure_optimizers
         references = self.reference_representations(images)
         objective, loss = self.local_objective(images, targets, references)
         if not torch.isfinite(objective):
@@ -243,11 +243,15 @@ class FederatedClient(LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, targets = batch
-        self.update_metrics(self.metrics["val"], self(images), targets)
+        self.update_metrics(self.stage_metrics("val"), self(images), targets)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, targets = batch
-        self.update_metrics(self.metrics["test"], self(images), targets)
+        self.update_metrics(self.stage_metrics("test"), self(images), targets)
+
+    def stage_metrics(self, stage: str) -> MetricCollection:
+        """The metrics of ``stage`` (``val``, ``test``)."""
+        return cast(MetricCollection, self.metrics[stage])
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -42,11 +42,11 @@ class ClassificationClient(FederatedClient):
                 "accuracy": MulticlassAccuracy(self.num_classes, average="micro", sync_on_compute=False),
                 "auroc": MulticlassAUROC(self.num_classes, sync_on_compute=False),
             }
-        return MetricCollection(metrics)
+        return MetricCollection(metrics)  # type: ignore[arg-type]  # dict[str, Metric] is a valid collection
 
     def representation_layer(self) -> tuple[str, Tap]:
         # The classifier head's input: the pooled features (timm's pre-logits), as MOON uses.
-        head = self.model.get_classifier() if hasattr(self.model, "get_classifier") else self.model.classifier
+        head = self.model.get_classifier() if hasattr(self.model, "get_classifier") else self.model.classifier  # type: ignore[operator]  # noqa: E501
         name = next((name for name, module in self.model.named_modules() if module is head), None)
         if not name:
             raise ValueError(f"Cannot locate the classifier head of {type(self.model).__name__} for MOON.")

@@ -1,7 +1,8 @@
-"""Deployment across institutions on Flower (``pip install -e ".[flower]"``): the orchestrator as a ServerApp, each
-site's client as a ClientApp, the same code as in simulation. See README, "Deploying across hospitals"."""
+"""Deployment across institutions on Flower (``pip install -e ".[flower]"``): the orchestrator with a
+:class:`FlowerExecutor` as a ServerApp, each site's client as a ClientApp (:class:`FlowerSite`), the same code as in
+simulation. See docs/deployment.md."""
 
-from harmofl.flower.server import FlowerServer
+from harmofl.flower.executor import FlowerExecutor
 from harmofl.flower.site import FlowerSite
 
-__all__ = ["FlowerServer", "FlowerSite"]
+__all__ = ["FlowerExecutor", "FlowerSite"]

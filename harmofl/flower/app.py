@@ -1,4 +1,4 @@
-"""The Flower apps: ``server_app`` (the orchestrator, :class:`FlowerServer`) and ``client_app`` (one site,
+"""The Flower apps: ``server_app`` (the orchestrator with a :class:`FlowerExecutor`) and ``client_app`` (one site,
 :class:`FlowerSite`), both built from the run's YAML configuration, exactly as ``cli.py fit`` builds its objects.
 
 Run config (``[tool.flwr.app.config]`` in ``pyproject.toml``, or ``flwr run --run-config``):
@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, cast
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import LocalDpMod
 from flwr.serverapp import Grid, ServerApp
 
-from harmofl.cli import build
+from harmofl.cli import HarmoFLCLI, build
+from harmofl.data.base import Split
 from harmofl.flower import wire
-from harmofl.flower.server import FlowerServer
+from harmofl.flower.executor import FlowerExecutor
 from harmofl.flower.site import FlowerSite
+from harmofl.trainer import FederatedTrainer
 
 #: The app's folder: relative ``config`` paths are read from here (the FAB holds ``configs/``).
 APP_DIR = Path(__file__).resolve().parents[2]
@@ -55,6 +57,11 @@ def configuration_args(run_config: Mapping[str, Any], role_overrides: list[str])
     return [*config_args, *(f"--{item}" for item in overrides + role_overrides)]
 
 
+def trainer(cli: HarmoFLCLI) -> FederatedTrainer:
+    """The configuration's trainer: a FederatedTrainer (LightningCLI types it as a Trainer)."""
+    return cast(FederatedTrainer, cli.trainer)
+
+
 # -- the server ---------------------------------------------------------------------------------------------------
 
 server_app = ServerApp()
@@ -68,14 +75,14 @@ def run_server(grid: Grid, context: Context) -> None:
     # The server only aggregates and decides: one process, on the CPU.
     args = configuration_args(run_config, [f"trainer.default_root_dir={output_dir}", "trainer.devices=1",
                                            "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"])
-    cli = build(args, trainer_class=FlowerServer)
+    cli = build(args)
     Path(output_dir).mkdir(parents=True, exist_ok=True)  # the configuration the run used, as `cli.py fit` keeps it
     cli.parser.save(cli.config, str(Path(output_dir) / "config.yaml"), skip_none=False, overwrite=True)
     reply_timeout = float(run_config.get("reply-timeout", 0))
-    cli.trainer.connect(grid, num_sites=int(run_config.get("num-sites", 2)),
-                        connect_timeout=float(run_config.get("connect-timeout", 300)),
-                        reply_timeout=reply_timeout if reply_timeout > 0 else None)
-    cli.trainer.fit(cli.model)
+    executor = FlowerExecutor(grid, num_sites=int(run_config.get("num-sites", 2)),
+                              connect_timeout=float(run_config.get("connect-timeout", 300)),
+                              reply_timeout=reply_timeout if reply_timeout > 0 else None)
+    trainer(cli).fit(cli.model, executor=executor)
 
 
 # -- a site -------------------------------------------------------------------------------------------------------
@@ -106,9 +113,8 @@ def open_site(context: Context) -> FlowerSite:
         overrides.append(f"data.init_args.root={node_config['data-path']}")
     if node_config.get("accelerator"):
         overrides.append(f"trainer.accelerator={node_config['accelerator']}")
-    cli = build(configuration_args(context.run_config, overrides), trainer_class=FlowerSite)
-    site: FlowerSite = cli.trainer
-    site.attach(cli.model, cli.datamodule, str(node_config["site"]))
+    cli = build(configuration_args(context.run_config, overrides))
+    site = FlowerSite(trainer(cli), cli.model, cli.datamodule, str(node_config["site"]))
     if SITE_STATE in context.state.config_records:
         site.load_site_state(wire.read_blob(context.state, SITE_STATE))
     return site
@@ -130,7 +136,7 @@ def train(message: Message, context: Context) -> Message:
     site = open_site(context)
     site.load_server_state(wire.read_blob(message.content, wire.SERVER_STATE))
     config = message.content.config_records[wire.CONFIG]
-    update = site.train(wire.read_weights(message.content), int(config["round"]), int(config["seed"]))
+    update = site.train(wire.read_weights(message.content), int(config["round"]), int(config["seed"]))  # type: ignore[arg-type]
     client_states = site.client_states(wire.listed(config, "client-states"))
     keep_site_state(site, context)
     return Message(wire.train_reply(update.state, update.loss, update.num_steps, client_states), reply_to=message)
@@ -140,5 +146,5 @@ def train(message: Message, context: Context) -> Message:
 def evaluate(message: Message, context: Context) -> Message:
     site = open_site(context)
     site.load_server_state(wire.read_blob(message.content, wire.SERVER_STATE))
-    splits = tuple(wire.listed(message.content.config_records[wire.CONFIG], "splits"))
+    splits = cast(tuple[Split, ...], tuple(wire.listed(message.content.config_records[wire.CONFIG], "splits")))
     return Message(wire.evaluate_reply(site.evaluate(wire.read_weights(message.content), splits)), reply_to=message)

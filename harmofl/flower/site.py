@@ -1,40 +1,46 @@
-"""A site's side of a Flower deployment: the orchestrator's own client code, for the one client this node holds."""
+"""A site's side of a Flower deployment: the simulation's own local runner and client store, for the one client
+this node holds."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from torch import Tensor
 
 from harmofl import validation
 from harmofl.clients.base import FederatedClient
 from harmofl.data.base import FederatedDataModule, Split
-from harmofl.trainer import ClientRecord, ClientUpdate, FederatedTrainer, _to_host
+from harmofl.federation.runner import ClientUpdate, Metrics
+from harmofl.federation.store import ClientEntry, to_host
+from harmofl.trainer import FederatedTrainer
 
 
-class FlowerSite(FederatedTrainer):
-    """Local training and evaluation of one site, as :class:`~harmofl.trainer.FederatedTrainer` runs them in
-    simulation: the same client module, callbacks (amplitude harmonization), weight-perturbation step, seeds
-    and update checks. Built from the run's YAML configuration; the server decides rounds and seeds.
+class FlowerSite:
+    """Local training and evaluation of one site exactly as simulation runs a client: the trainer's
+    :class:`~harmofl.federation.runner.LocalRunner` (harmonization callback, weight-perturbation step, FedProx/MOON
+    terms, update checks) and :class:`~harmofl.federation.store.ClientStore`. The server decides rounds and seeds.
 
-    Between messages the site's state (its local weights, optimizer state, the module's per-client state and the
-    callbacks' client state) is kept by the caller: :meth:`site_state` / :meth:`load_site_state`.
+    Between messages the site's state (its local weights, optimizer state, the module's and the callbacks' client
+    state) is kept by the caller: :meth:`site_state` / :meth:`load_site_state`; it never leaves the site.
+
+    Args:
+        trainer: the trainer the run's configuration builds (its Fabric, callbacks, local work and update checks).
+        model, datamodule: the client module and the data, which must hold client ``site``.
     """
 
-    def attach(self, model: FederatedClient, datamodule: FederatedDataModule, site: str) -> None:
-        """Set up the model and the data of client ``site``, which the data module must hold."""
-        self._setup_data(datamodule, "fit")
-        self.client_names = list(datamodule.client_names)
-        if site not in self.client_names:
+    def __init__(self, trainer: FederatedTrainer, model: FederatedClient, datamodule: FederatedDataModule, site: str):
+        trainer.setup_data(datamodule, "fit")
+        if site not in datamodule.client_names:
             raise ValueError(
-                f"This node serves site {site!r}, but its data holds {self.client_names}: set the node's `site` (its "
-                "--node-config) to one of them, or its `data-path` to the folder of that site's data."
+                f"This node serves site {site!r}, but its data holds {list(datamodule.client_names)}: set the node's "
+                "`site` (its --node-config) to one of them, or its `data-path` to the folder of that site's data."
             )
-        self.site = site
-        self.my_clients = self.my_trainees = [site]
-        self._setup_model(model, "fit")
-        self.initial_state = dict(self.global_state)
-        self.shared_keys = list(self.shared_global_state())
+        trainer.setup_model(model, "fit")
+        self.trainer, self.site, self.datamodule = trainer, site, datamodule
+        self.runner = trainer.local_runner(pooled_clients=[])
+        self.initial_state = dict(trainer.global_state)
+        self.shared_keys = list(trainer.shared_global_state())
 
     @property
     def train_samples(self) -> int:
@@ -42,40 +48,35 @@ class FlowerSite(FederatedTrainer):
 
     def train(self, shared: Mapping[str, Tensor], round_idx: int, seed: int) -> ClientUpdate:
         """One round of local training from the server's ``shared`` weights; returns the updated shared weights."""
-        self._receive(shared)
-        self.current_round = round_idx
-        loss, num_steps = self._train_client(self.site, round_idx, shared, seed)
-        self._store_client(self.site)
-        state = self.module.state_dict()
-        return ClientUpdate({key: _to_host(state[key]) for key in self.shared_keys}, loss, num_steps)
+        global_state = self._receive(shared)
+        self.trainer.current_round = round_idx
+        update = self.runner.train(self.site, global_state, shared, seed)
+        return ClientUpdate({key: to_host(update.state[key]) for key in self.shared_keys}, update.loss,
+                            update.num_steps)
 
-    def evaluate(self, shared: Mapping[str, Tensor], splits: tuple[Split, ...]) -> dict[str, dict[str, float]]:
+    def evaluate(self, shared: Mapping[str, Tensor], splits: tuple[Split, ...]) -> dict[str, Metrics]:
         """The site's metrics of the server's model (with the site's local weights) on ``splits``."""
-        self._receive(shared)
-        return self._evaluate_client(self.site, splits)
+        return self.runner.evaluate(self.site, self._receive(shared), splits)
 
     def load_server_state(self, states: Mapping[str, Any]) -> None:
         """The federated callbacks' global state the server sent (the shared amplitude target)."""
-        self._load_callback_states(states)
+        self.trainer.load_callback_states(states)
 
     def client_states(self, keys: list[str]) -> dict[str, Any]:
         """The callbacks' state of this site that the server asked for (by callback state key)."""
-        return {key: state for key, state in self._client_callback_states(self.site).items() if key in keys}
+        return {key: state for key, state in self.trainer.store.callback_states(self.site).items() if key in keys}
 
     def site_state(self) -> dict[str, Any]:
-        """What the site keeps between rounds; it never leaves the site."""
-        record = self.client_records.get(self.site, ClientRecord())
-        return {
-            "record": {"local_state": record.local_state, "optimizer_state": record.optimizer_state,
-                       "module_state": record.module_state},
-            "callbacks": self._client_callback_states(self.site),
-        }
+        """What the site keeps between rounds: its record, and its callbacks' state."""
+        record: ClientEntry = self.trainer.store.entry(self.site)
+        return {"callbacks": record.pop("callbacks"), "record": record}
 
     def load_site_state(self, state: Mapping[str, Any]) -> None:
-        self.client_records[self.site] = ClientRecord(**state["record"])
-        self._load_client_callback_states(self.site, state["callbacks"])
+        entry = {**state["record"], "callbacks": state["callbacks"]}
+        self.trainer.store.load_entry(self.site, entry, with_optimizer=True)
 
-    def _receive(self, shared: Mapping[str, Tensor]) -> None:
+    def _receive(self, shared: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The global state: this site's initial weights with the server's ``shared`` ones, which must fit."""
         try:  # the server's weights must fit this site's model: the same checks as the server's of an update
             validation.check_update(shared, {key: self.initial_state[key] for key in self.shared_keys})
         except validation.InvalidUpdate as error:
@@ -83,4 +84,6 @@ class FlowerSite(FederatedTrainer):
                 f"The server's weights do not fit this site's model: {error}. The server and the sites must run the "
                 "same configuration."
             ) from error
-        self.global_state = {**self.initial_state, **shared}
+        global_state = {**self.initial_state, **shared}
+        self.trainer.global_state = global_state
+        return global_state

@@ -56,7 +56,7 @@ def blob_record(value: Any) -> ConfigRecord:
 
 
 def read_blob(content: RecordDict, name: str) -> Any:
-    return from_bytes(content.config_records[name][_BLOB])
+    return from_bytes(content.config_records[name][_BLOB])  # type: ignore[arg-type]  # a blob is bytes
 
 
 def weight_records(state: Mapping[str, Tensor]) -> dict[str, Any]:
@@ -100,7 +100,7 @@ def train_reply(update: Mapping[str, Tensor], loss: float, num_steps: int, clien
 
 def evaluate_reply(results: Mapping[str, Mapping[str, float]]) -> RecordDict:
     flat = {f"{split}/{name}": float(value) for split, values in results.items() for name, value in values.items()}
-    return RecordDict({METRICS: MetricRecord(flat)})
+    return RecordDict({METRICS: MetricRecord(flat)})  # type: ignore[arg-type]  # floats are metric values
 
 
 def listed(config: ConfigRecord, key: str) -> list[str]:
@@ -113,5 +113,5 @@ def read_evaluation(content: RecordDict) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     for key, value in content.metric_records[METRICS].items():
         split, name = key.split("/", 1)
-        results.setdefault(split, {})[name] = float(value)
+        results.setdefault(split, {})[name] = float(value)  # type: ignore[arg-type]  # evaluate_reply's floats
     return results

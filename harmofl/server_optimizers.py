@@ -40,6 +40,9 @@ class ServerOptimizer:
     The mean the server receives weighs client ``k`` by ``weight_k · aggregation_factor(steps_k)``.
     """
 
+    #: Whether :meth:`step` needs the weighted mean (a robust aggregator's center will not do).
+    needs_weighted_mean: bool = False
+
     def aggregation_factor(self, num_steps: int) -> float:
         """Multiplier of a client's aggregation weight, from its number of local steps (1 for most)."""
         return 1.0
@@ -88,6 +91,8 @@ class FedNova(ServerOptimizer):
     Args:
         momentum: the clients' SGD momentum ``ρ`` (0.9 in the reference Camelyon17 protocol).
     """
+
+    needs_weighted_mean = True
 
     def __init__(self, momentum: float = 0.0) -> None:
         _check_unit_interval("momentum", momentum)

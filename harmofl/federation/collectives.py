@@ -22,8 +22,8 @@ def all_reduce_sum_(fabric: Fabric, tensors: Mapping[str, Tensor]) -> None:
     """Sum same-shaped float64 tensors across processes, in place, with a single collective."""
     if fabric.world_size == 1 or not tensors:
         return
-    flat = torch.cat([t.reshape(-1) for t in tensors.values()])
-    flat = fabric.all_reduce(flat, reduce_op="sum")
+    flat = fabric.all_reduce(torch.cat([t.reshape(-1) for t in tensors.values()]), reduce_op="sum")
+    assert isinstance(flat, Tensor)  # a tensor in, a tensor out
     offset = 0
     for tensor in tensors.values():
         tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))

@@ -1,0 +1,1 @@
+"""The orchestrator in small parts; ``docs/architecture.md`` maps them."""

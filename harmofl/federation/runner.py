@@ -1,0 +1,147 @@
+"""One client's local work on this process's model: a round of local training, or evaluation of the global model.
+Simulation and a Flower site both run clients through it, so a site trains exactly as a simulated client."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.fabric import Fabric
+from torch import Tensor
+from torch.optim import Optimizer
+
+from harmofl.clients.base import FederatedClient
+from harmofl.data.base import FederatedDataModule, Split
+from harmofl.federation.store import ClientStore
+from harmofl.federation.topology import POOLED_CLIENT
+from harmofl.validation import UpdateGuard
+
+if TYPE_CHECKING:
+    from harmofl.trainer import FederatedTrainer
+
+EVAL_HOOKS = {"val": ("on_validation_batch_start", "validation_step"), "test": ("on_test_batch_start", "test_step")}
+Metrics = dict[str, float]
+
+
+@dataclass
+class ClientUpdate:
+    """One participant's round: its weights (at least the shared keys), mean training loss and local steps."""
+
+    state: Mapping[str, Tensor]
+    loss: float
+    num_steps: int
+
+
+class LocalRunner:
+    """Trains and evaluates one client at a time on the one model of this process.
+
+    Every hook is fired through ``fabric.call`` with ``trainer`` (the callbacks' view of the run) and the module.
+
+    Args:
+        trainer: the trainer the callbacks receive.
+        fabric: this process's Fabric (device, precision, callbacks).
+        module: the client module, set up by ``fabric``; ``fabric_module`` is its Fabric wrapper.
+        optimizer: the module's optimizer, set up by ``fabric``.
+        datamodule: the clients' data.
+        store: the clients' records.
+        guard: the server's checks of an update, also applied where the client trains.
+        local_epochs, local_steps: a client's local work per round (epochs, or a fixed number of steps).
+        pooled_clients: the clients whose data the pooled client trains on.
+    """
+
+    def __init__(
+        self,
+        trainer: FederatedTrainer,
+        fabric: Fabric,
+        module: FederatedClient,
+        fabric_module: Any,
+        optimizer: Optimizer,
+        datamodule: FederatedDataModule,
+        store: ClientStore,
+        guard: UpdateGuard,
+        local_epochs: int,
+        local_steps: int | None,
+        pooled_clients: list[str],
+    ) -> None:
+        self.trainer, self.fabric, self.module, self.fabric_module = trainer, fabric, module, fabric_module
+        self.optimizer, self.datamodule, self.store, self.guard = optimizer, datamodule, store, guard
+        self.local_epochs, self.local_steps, self.pooled_clients = local_epochs, local_steps, pooled_clients
+        self.current_client: str | None = None
+
+    def train(
+        self, client: str, global_state: Mapping[str, Tensor], shared: Mapping[str, Tensor], seed: int
+    ) -> ClientUpdate:
+        """Local training of ``client`` from ``global_state`` (``shared``: the keys it sends), seeded with ``seed``;
+        stores the client's record and returns its update, checked (and bounded) in the module. The update is the
+        live module's state: valid until the next client is loaded."""
+        self.current_client = client
+        self.store.load(client, self.module, self.optimizer, global_state, with_optimizer=True)
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        if client == POOLED_CLIENT:
+            loader = self.datamodule.pooled_dataloader(self.pooled_clients, generator=generator)
+        else:
+            loader = self.datamodule.dataloader(client, "train", generator=generator)
+        num_batches = self.local_steps or self.local_epochs * len(loader)
+        self.module.train()
+        self._call("on_train_client_start", client=client, num_batches=num_batches)
+        loss_sum = torch.zeros((), device=self.fabric.device)
+        for batch_idx, batch in enumerate(self._training_batches(client, loader, num_batches)):
+            batch = self.fabric.to_device(batch)
+            self._call("on_train_batch_start", batch=batch, batch_idx=batch_idx)
+            loss = self.fabric_module.training_step(batch, batch_idx)
+            loss_sum += loss
+            self._call("on_train_batch_end", outputs=loss, batch=batch, batch_idx=batch_idx)
+        mean_loss = (loss_sum / max(num_batches, 1)).item()
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"Client {client!r} had a non-finite training loss ({mean_loss}).")
+        self._guard_update(shared)
+        self._call("on_train_client_end", client=client, loss=mean_loss)
+        self.store.save(client, self.module, self.optimizer)
+        return ClientUpdate(self.module.state_dict(), mean_loss, num_batches)
+
+    def evaluate(self, client: str, global_state: Mapping[str, Tensor], splits: Iterable[Split]) -> dict[str, Metrics]:
+        """``client``'s metrics of the global model (with its local keys) on ``splits``."""
+        self.current_client = client
+        self.store.load(client, self.module, self.optimizer, global_state, with_optimizer=False)
+        return {split: self._evaluate_split(client, split) for split in splits}
+
+    def _call(self, hook: str, **kwargs: Any) -> None:
+        self.fabric.call(hook, trainer=self.trainer, pl_module=self.module, **kwargs)
+
+    @staticmethod
+    def _training_batches(client: str, loader: Any, num_batches: int) -> Iterator[Any]:
+        """``num_batches`` batches: whole epochs, or a fixed number of steps cycling the loader."""
+        if num_batches > 0 and len(loader) == 0:
+            raise ValueError(f"Client {client!r} has no training batches: check its training data.")
+        produced = 0
+        while produced < num_batches:
+            for batch in loader:
+                yield batch
+                produced += 1
+                if produced == num_batches:
+                    return
+
+    def _guard_update(self, shared: Mapping[str, Tensor]) -> None:
+        """The server's checks of the module's update; a clipped update replaces it."""
+        state = self.module.state_dict()
+        checked = self.guard.check({key: state[key] for key in shared}, shared)
+        if self.guard.max_distance is not None:
+            self.module.load_state_dict(checked, strict=False)
+
+    @torch.no_grad()
+    def _evaluate_split(self, client: str, split: Split) -> Metrics:
+        hook, step = EVAL_HOOKS[split]
+        metrics = self.module.stage_metrics(split)
+        metrics.reset()
+        self.module.eval()
+        for batch_idx, batch in enumerate(self.datamodule.dataloader(client, split)):
+            batch = self.fabric.to_device(batch)
+            self._call(hook, batch=batch, batch_idx=batch_idx)
+            getattr(self.fabric_module, step)(batch, batch_idx)
+        values = {name: float(value) for name, value in metrics.compute().items()}
+        metrics.reset()
+        return values
