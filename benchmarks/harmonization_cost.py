@@ -37,33 +37,22 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import platform
-import statistics
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
-# The script runs from a checkout where the package may not be installed.
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+import _harness as harness
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-# Nothing may reach the network: no model hub, no W&B.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "offline")
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-
-from callbacks import PRESETS  # noqa: E402
-from harmofl.amplitude import amplitude_spectrum, harmonize, update_running_amplitude  # noqa: E402
-from harmofl.losses import ce_dice_loss  # noqa: E402
-from harmofl.models import create_classifier, create_segmenter  # noqa: E402
-from harmofl.perturbation import WeightPerturbation  # noqa: E402
+from callbacks import PRESETS
+from harmofl.amplitude import amplitude_spectrum, harmonize, update_running_amplitude
+from harmofl.losses import ce_dice_loss
+from harmofl.models import create_classifier, create_segmenter
+from harmofl.perturbation import WeightPerturbation
 
 # The optimizer and perturbation radius of configs/camelyon.yaml.
 SGD_ARGS: dict[str, float] = {"lr": 0.001, "momentum": 0.9, "weight_decay": 1e-4}
@@ -174,17 +163,6 @@ def make_step(work: Workload, device: torch.device) -> Callable[[Tensor], None]:
 # -- timing and checks ------------------------------------------------------------------------------------------
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall time of ``fn()``; on CUDA the queued kernels must have finished before the clock is read."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def check_same_images(images: Tensor, running: Tensor, band: float, momentum: float) -> float:
     """Max |ours - reference| over the harmonized images; raises if it (or the target's) exceeds the tolerance."""
     ours_out, reference_out = torch.empty_like(images), torch.empty_like(images)
@@ -225,19 +203,16 @@ def measure(work: Workload, device: torch.device, repeats: int) -> tuple[Medians
     gaps = {name: check_same_images(images, running, p["band"], p["momentum"]) for name, p in PRESETS.items()}
     step = make_step(work, device)
 
-    times: dict[str, list[float]] = {f"{side} {name}": [] for side in ("ours", "reference") for name in PRESETS}
-    times["step"] = []
+    times = harness.Samples()
     for _ in range(repeats):
         for name, p in PRESETS.items():
+            band, momentum = p["band"], p["momentum"]
             with torch.no_grad():
-                times[f"ours {name}"].append(
-                    timed(lambda: ours(images, running, p["band"], p["momentum"], out), device)
-                )
-                times[f"reference {name}"].append(
-                    timed(lambda: reference(images, host_running, p["band"], p["momentum"], out), device)
-                )
-        times["step"].append(timed(lambda: step(images), device))
-    medians = {key: statistics.median(values) for key, values in times.items()}
+                times.time(f"ours {name}", functools.partial(ours, images, running, band, momentum, out), device)
+                times.time(f"reference {name}", functools.partial(reference, images, host_running, band, momentum, out),
+                           device)
+        times.time("step", functools.partial(step, images), device)
+    medians = times.medians()
     return (
         Medians(
             ours={name: medians[f"ours {name}"] for name in PRESETS},
@@ -251,38 +226,42 @@ def measure(work: Workload, device: torch.device, repeats: int) -> tuple[Medians
 # -- report ---------------------------------------------------------------------------------------------------
 
 
-def describe_machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        accelerator = torch.cuda.get_device_name(device)
-    else:
-        accelerator = f"cpu ({platform.processor() or platform.machine()})"
-    return (
-        f"machine: {platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} thread(s)), numpy {np.__version__}, "
-        f"device {device.type}: {accelerator}"
-    )
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: a size and a preset."""
+
+    work: Workload
+    preset: str
+    medians: Medians
+
+    @property
+    def ours(self) -> float:
+        return self.medians.ours[self.preset]
+
+    @property
+    def reference(self) -> float:
+        return self.medians.reference[self.preset]
+
+    @property
+    def share(self) -> float:
+        return harness.ratio(self.ours, self.medians.step)
 
 
-def print_table(results: list[tuple[Workload, Medians]]) -> None:
-    header = (
-        f"{'size':<46}{'preset':<11}{'ours (ms)':>11}{'reference (ms)':>16}{'step (s)':>10}"
-        f"{'ours/step':>11}{'reference/ours':>16}"
-    )
-    print(f"\n{header}")
-    for work, medians in results:
-        for name in PRESETS:
-            share = medians.ours[name] / medians.step
-            speed_up = medians.reference[name] / medians.ours[name]
-            print(
-                f"{work.label:<46}{name:<11}{medians.ours[name] * 1e3:>11.2f}{medians.reference[name] * 1e3:>16.1f}"
-                f"{medians.step:>10.2f}{share:>10.3%}{speed_up:>15.1f}x"
-            )
-    missed = [
-        f"{work.dataset} {name}"
-        for work, medians in results
-        for name in PRESETS
-        if medians.ours[name] / medians.step >= TARGET_SHARE
-    ]
+TABLE = (
+    harness.Column("size", lambda row: row.work.label, left=True),
+    harness.Column("preset", lambda row: row.preset, left=True),
+    harness.Column("ours (ms)", lambda row: f"{row.ours * 1e3:.2f}"),
+    harness.Column("reference (ms)", lambda row: f"{row.reference * 1e3:.1f}"),
+    harness.Column("step (s)", lambda row: f"{row.medians.step:.2f}"),
+    harness.Column("ours/step", lambda row: f"{row.share:.3%}"),
+    harness.Column("reference/ours", lambda row: f"{harness.ratio(row.reference, row.ours):.1f}x"),
+)
+
+
+def report(rows: list[Row]) -> None:
+    print()
+    harness.print_table(TABLE, rows)
+    missed = [f"{row.work.dataset} {row.preset}" for row in rows if not row.share < TARGET_SHARE]
     verdict = "met at every size and preset" if not missed else f"missed at {', '.join(missed)}"
     print(f"\ntarget ours/step < {TARGET_SHARE:.0%}: {verdict}")
 
@@ -303,21 +282,20 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for, but torch sees no CUDA device.")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    harness.pin_threads(args.threads)
     workloads = [replace(work, batch_size=QUICK_BATCH_SIZES[work.task]) if args.quick else work for work in WORKLOADS]
 
     presets = ", ".join(f"{name} (band {p['band']}, momentum {p['momentum']})" for name, p in PRESETS.items())
     print(f"HarmoFL harmonization cost: {args.repeats} alternating repetitions, medians; presets {presets}")
-    print(describe_machine(device))
+    print(f"{harness.describe_machine(device)}, numpy {np.__version__}")
     start = time.perf_counter()
-    results: list[tuple[Workload, Medians]] = []
+    rows: list[Row] = []
     for work in workloads:
         medians, gaps = measure(work, device, args.repeats)
-        results.append((work, medians))
+        rows += [Row(work, name, medians) for name in PRESETS]
         checked = ", ".join(f"{name} {gap:.1e}" for name, gap in gaps.items())
         print(f"check {work.label}: ours = reference numpy, max |image difference| {checked}")
-    print_table(results)
+    report(rows)
     print(f"total wall time: {time.perf_counter() - start:.0f} s")
 
 

@@ -1,6 +1,6 @@
 """Soak test of run integrity: many short rounds under random client faults and SIGKILLs, against a clean run.
 
-A worker (this file with ``--worker``) trains a small federation in one process: 4 demo sites, 3 sampled per
+A worker (this script run again by the harness) trains a small federation in one process: 4 demo sites, 3 sampled per
 round, 2 local steps each, paper-preset harmonization re-shared every round, SCAFFOLD control variates, FedAvgM
 server momentum, weight perturbation, ``client_retries=1``. Every piece of state a resume must restore is
 therefore live. Faults:
@@ -23,7 +23,7 @@ so "equal" means bitwise.
 from __future__ import annotations
 
 import argparse
-import os
+import functools
 import random
 import signal
 import subprocess
@@ -33,68 +33,75 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ["OMP_NUM_THREADS"] = "1"  # bitwise comparisons need the same reduction order in both runs
+import _harness as harness
+import torch
+
+from callbacks import AmplitudeHarmonization, Scaffold
+from harmofl import ClassificationClient, FederatedTrainer
+from harmofl.checkpoint import load_checkpoint
+from harmofl.data import DemoHistology
+from harmofl.federation.callback import FederatedCallback
+from harmofl.server_optimizers import FedAvgM
 
 FAULT_PREFIX = "FAULT"
+THREADS = 1  # bitwise comparisons need the same reduction order in both runs
 
 
-def run_worker(root: Path, rounds: int, fault_rate: float, seed: int, resume: bool) -> None:
-    """One (possibly resumed) training run; prints a line per injected client fault."""
-    import functools
+class TransientFaults(FederatedCallback):
+    """Fails the first attempt of a seeded random share of (round, client) pairs, at a random batch; prints a line
+    per fault."""
 
-    import torch
-    from lightning.pytorch import Callback
+    def __init__(self, fault_rate: float, seed: int) -> None:
+        self.fault_rate = fault_rate
+        self.seed = seed
+        self.attempts: dict[tuple[int, str], int] = {}
+        self.key = (0, "")
 
-    from callbacks import AmplitudeHarmonization, Scaffold
-    from harmofl import ClassificationClient, FederatedTrainer
-    from harmofl.data import DemoHistology
-    from harmofl.server import FedAvgM
+    def on_round_start(self, trainer: Any, pl_module: Any, round_idx: int) -> None:
+        self.key = (round_idx, "")
 
-    class TransientFaults(Callback):
-        """Fails the first attempt of a seeded random share of (round, client) pairs, at a random batch."""
+    def on_train_client_start(self, trainer: Any, pl_module: Any, client: str, num_batches: int) -> None:
+        self.key = (self.key[0], client)
+        self.attempts[self.key] = self.attempts.get(self.key, 0) + 1
 
-        def __init__(self) -> None:
-            self.attempts: dict[tuple[int, str], int] = {}
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        round_idx, client = self.key
+        draw = random.Random(f"soak/{self.seed}/{round_idx}/{client}")
+        if draw.random() < self.fault_rate and self.attempts[self.key] == 1 and batch_idx == draw.randrange(2):
+            print(f"{FAULT_PREFIX} round {round_idx + 1} client {client} batch {batch_idx}", flush=True)
+            raise RuntimeError("injected transient fault")
 
-        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            key = (trainer.current_round, trainer.current_client)
-            if batch_idx == 0:
-                self.attempts[key] = self.attempts.get(key, 0) + 1
-            draw = random.Random(f"soak/{seed}/{key[0]}/{key[1]}")
-            if draw.random() < fault_rate and self.attempts[key] == 1 and batch_idx == draw.randrange(2):
-                print(f"{FAULT_PREFIX} round {key[0] + 1} client {key[1]} batch {batch_idx}", flush=True)
-                raise RuntimeError("injected transient fault")
 
+def run_worker(call: harness.WorkerCall) -> None:
+    """One (possibly resumed) training run of the federation."""
+    args = parse_args(call.arguments)
     trainer = FederatedTrainer(
-        rounds=rounds,
+        rounds=args.rounds,
         local_steps=2,
         clients_per_round=3,
         client_retries=1,
         server_optimizer=FedAvgM(momentum=0.9),
-        callbacks=[AmplitudeHarmonization(preset="paper", share_target="every_round"), Scaffold(), TransientFaults()],
+        callbacks=[AmplitudeHarmonization(preset="paper", share_target="every_round"), Scaffold(),
+                   TransientFaults(args.fault_rate, args.seed)],
         accelerator="cpu",
         enable_progress_bar=False,
-        default_root_dir=str(root),
-        seed=seed,
+        default_root_dir=str(args.root),
+        seed=args.seed,
     )
-    torch.manual_seed(seed)
+    torch.manual_seed(args.seed)
     model = ClassificationClient(
         backbone="test_resnet", batch_norm_stats="batch", alpha=0.05,
         optimizer=functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9),
     )
     data = DemoHistology(num_sites=4, train_per_site=16, val_per_site=8, test_per_site=8, image_size=32,
-                         batch_size=8, seed=seed)
-    trainer.fit(model, data, ckpt_path="last" if resume else None)
+                         batch_size=8, seed=args.seed)
+    trainer.fit(model, data, ckpt_path="last" if args.resume else None)
 
 
-def _worker_command(root: Path, args: argparse.Namespace, fault_rate: float, resume: bool) -> list[str]:
-    command = [sys.executable, __file__, "--worker", "--root", str(root), "--rounds", str(args.rounds),
-               "--fault_rate", str(fault_rate), "--seed", str(args.seed)]
-    return command + (["--resume"] if resume else [])
+def _worker_arguments(root: Path, args: argparse.Namespace, fault_rate: float, resume: bool) -> list[str]:
+    arguments = ["--root", str(root), "--rounds", str(args.rounds), "--fault_rate", str(fault_rate),
+                 "--seed", str(args.seed)]
+    return arguments + (["--resume"] if resume else [])
 
 
 def _modified(path: Path) -> int:
@@ -115,8 +122,9 @@ def _run_to_completion(root: Path, args: argparse.Namespace, fault_rate: float, 
         resume = last.is_file()
         counts["restarts"] += int(resume)
         with log.open("a") as output:
-            worker = subprocess.Popen(_worker_command(root, args, fault_rate, resume), stdout=output,
-                                      stderr=subprocess.STDOUT)
+            # The worker leaves no result: its checkpoint and outputs in ``root`` are what is compared.
+            worker = harness.start_worker(_worker_arguments(root, args, fault_rate, resume), root / "result.pt",
+                                          threads=THREADS, stdout=output, stderr=subprocess.STDOUT)
         if counts["kills"] < kills:
             written = _modified(last)
             while worker.poll() is None and _modified(last) == written:
@@ -140,10 +148,6 @@ def _run_to_completion(root: Path, args: argparse.Namespace, fault_rate: float, 
 
 def _compare(clean: Path, faulty: Path) -> list[str]:
     """What differs between the two runs' final states and outputs (empty: identical)."""
-    import torch
-
-    from harmofl.checkpoint import load_checkpoint
-
     differences = []
     for name in ("metrics.csv", "summary.json"):
         if (clean / name).read_bytes() != (faulty / name).read_bytes():
@@ -173,19 +177,19 @@ def _compare(clean: Path, faulty: Path) -> list[str]:
     return differences
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--kills", type=int, default=6)
     parser.add_argument("--fault_rate", type=float, default=0.2, help="share of (round, client) pairs that fail once")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        run_worker(args.root, args.rounds, args.fault_rate, args.seed, args.resume)
-        return
+    parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)  # a worker's run folder
+    parser.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)  # a worker continues from last.ckpt
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
 
     with tempfile.TemporaryDirectory(prefix="harmofl_soak_") as folder:
         clean, faulty = Path(folder) / "clean", Path(folder) / "faulty"
@@ -212,4 +216,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    harness.run(main, worker=run_worker)
