@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from harmofl.data.camelyon import PATCH, Camelyon17
-from harmofl.data.files import DataError
+from harmofl.data.checks import DataError
+
 from helpers import run_cli
 
 HEADER = ["", "patient", "node", "x_coord", "y_coord", "tumor", "slide", "center", "split"]

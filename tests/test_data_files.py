@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from harmofl.data.files import DataError, image_is_intact, keep_good_samples, read_image, read_mask, require_dir
+from harmofl.data.checks import DataError, keep_good_samples, require_dir
+from harmofl.data.image_io import image_is_intact, read_image, read_mask
 
 
 def _save(path: Path, array: np.ndarray) -> Path:

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from harmofl.data import SPLITS, DemoHistology, DemoNuclei, FederatedDataModule
-from harmofl.data.demo import synthesize_tissue
 from harmofl.data.imaging import EOSIN_OD, HEMATOXYLIN_OD, SiteImaging, default_sites, gaussian_blur, render
+from harmofl.data.synthesis import synthesize_tissue
 
 SMALL = dict(num_sites=4, train_per_site=24, val_per_site=8, test_per_site=8, image_size=32)
 

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from harmofl.data import SPLITS
-from harmofl.data.files import DataError
-from harmofl.data.prostate import ProstateMRI, context_stack, preprocess_case
+from harmofl.data.checks import DataError
+from harmofl.data.mri import context_stack, preprocess_case
+from harmofl.data.prostate import ProstateMRI
+
 from helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,8 +13,10 @@ import torch
 from PIL import Image
 
 from harmofl.data.base import SPLITS
-from harmofl.data.files import DataError
-from harmofl.data.segmentation_folders import SegmentationFolders, tile_offsets
+from harmofl.data.checks import DataError
+from harmofl.data.patches import tile_offsets
+from harmofl.data.segmentation_folders import SegmentationFolders
+
 from helpers import REPO, run_cli
 
 HEIGHT, WIDTH = 64, 48

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from harmofl.data.files import DataError
-from harmofl.data.folders import SiteFolders
+from harmofl.data.checks import DataError
+from harmofl.data.site_folders import SiteFolders
+
 from helpers import run_cli
 
 FORMATS = (".png", ".jpg", ".bmp", ".tif")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from harmofl.data.base import SPLITS, FederatedDataModule
 from harmofl.data.camelyon import Camelyon17
+from harmofl.data.checks import DataError
 from harmofl.data.demo import DemoHistology, DemoNuclei
-from harmofl.data.files import DataError
-from harmofl.data.folders import SiteFolders
 from harmofl.data.prostate import ProstateMRI
 from harmofl.data.segmentation_folders import SegmentationFolders
+from harmofl.data.site_folders import SiteFolders
 
 __all__ = [
     "SPLITS",

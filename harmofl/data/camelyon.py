@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 
 from harmofl.data.base import Split
-from harmofl.data.files import BadSamplePolicy, DataError, check_fractions, require_dir, require_file
-from harmofl.data.folders import (
-    ClientFiles,
-    ImageFileFederation,
-    encode_paths,
-    read_csv,
-    read_header,
-    rows_by_code,
-    split_groups,
-)
+from harmofl.data.checks import DataError, check_choice, check_distinct, require_dir, require_file
+from harmofl.data.csv_tables import read_csv, read_header
+from harmofl.data.image_files import ClientFiles, ImageFileFederation, encode_paths
+from harmofl.data.splits import Fractions, check_fractions, rows_by_code, site_rng, split_groups
 
 SplitMode = Literal["reference", "patient"]
 
@@ -89,46 +83,33 @@ class Camelyon17(ImageFileFederation):
         centers: the hospitals (``center`` values 0-4) to use, in this order; default all in the metadata.
         split_mode: ``reference`` or ``patient``, as above.
         patient_fractions: train, val, test fractions of each hospital's patients (``patient`` mode).
-        truncate_to_smallest: cut every training set to the smallest one's size.
-        max_per_split: keep at most the first N rows of each split per hospital (quick runs); null: all.
         image_size: side of the images; patches of another size are resized (bilinear).
         verify_images: check every used patch's integrity before training; decoding all 455k patches
             takes long (minutes to tens of minutes, depending on the disk), so false checks only that
             the files exist.
-        on_bad_sample: ``error`` stops at the first missing or corrupt patch; ``skip`` leaves it out and
-            counts it in ``skipped[client]``.
         seed: seeds the patient split.
-        batch_size: training batch size.
-        eval_batch_size: validation and test batch size; ``batch_size`` when null.
-        num_workers: loader worker processes.
-        pin_memory: whether loaders pin memory.
+        batch_size: training batch size (the reference's 128).
     """
 
     def __init__(
         self,
         root: str,
-        centers: Optional[list[int]] = None,
+        centers: list[int] | None = None,
         split_mode: SplitMode = "reference",
-        patient_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
+        patient_fractions: Fractions = (0.6, 0.2, 0.2),
         truncate_to_smallest: bool = True,
-        max_per_split: Optional[int] = None,
+        max_per_split: int | None = None,
         image_size: int = 96,
         verify_images: bool = True,
-        on_bad_sample: BadSamplePolicy = "error",
         seed: int = 0,
         batch_size: int = 128,
-        eval_batch_size: Optional[int] = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
+        **loader: Any,
     ) -> None:
-        super().__init__(image_size, 3, max_per_split, truncate_to_smallest, verify_images, on_bad_sample, seed,
-                         batch_size, eval_batch_size, num_workers, pin_memory)
-        if split_mode not in ("reference", "patient"):
-            raise ValueError(f"data.split_mode must be 'reference' or 'patient', got {split_mode!r}.")
-        if centers is not None and (not centers or len(set(centers)) != len(centers)):
-            raise ValueError(
-                f"data.centers must name at least one hospital, each once, or be null (all), got {centers}."
-            )
+        super().__init__(image_size=image_size, channels=3, max_per_split=max_per_split,
+                         truncate_to_smallest=truncate_to_smallest, verify_images=verify_images, seed=seed,
+                         batch_size=batch_size, **loader)
+        check_choice("split_mode", split_mode, ("reference", "patient"))
+        check_distinct("centers", centers, "hospital")
         self.root = root
         self.centers = centers
         self.split_mode = split_mode
@@ -152,6 +133,7 @@ class Camelyon17(ImageFileFederation):
     def _hospital_files(self, root: Path, file: Path, metadata: dict[str, np.ndarray], center: int) -> ClientFiles:
         here = metadata["center"] == center
         column = {name: values[here] for name, values in metadata.items()}
+        splits: dict[Split, np.ndarray]
         if self.split_mode == "reference":
             if not (column["split"] == 1).any():
                 raise DataError(f"Hospital {center} (client 'hospital_{center}') has no rows with split == 1 in "
@@ -160,8 +142,9 @@ class Camelyon17(ImageFileFederation):
             cut = len(train_list) - len(train_list) // 5
             splits = {"train": train_list[:cut], "val": train_list[cut:], "test": np.flatnonzero(column["split"] == 1)}
         else:
-            rng = np.random.default_rng([self.seed, center])
-            splits = rows_by_code(split_groups(column["patient"], self.patient_fractions, rng))
+            patients, patient_of = np.unique(column["patient"], return_inverse=True)
+            codes = split_groups(patient_of, len(patients), self.patient_fractions, site_rng(self.seed, center))
+            splits = rows_by_code(codes)
         location = zip(*(column[name].tolist() for name in ("patient", "node", "x_coord", "y_coord")))
         return ClientFiles(root, encode_paths([PATCH.format(*where) for where in location]), column["tumor"], splits)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -179,7 +178,7 @@ def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
 
 
 def render(
-    h_conc: Tensor, e_conc: Tensor, site: SiteImaging, generator: Optional[torch.Generator] = None
+    h_conc: Tensor, e_conc: Tensor, site: SiteImaging, generator: torch.Generator | None = None
 ) -> Tensor:
     """Images ``[B, 3, H, W]`` in [0, 1] of haematoxylin and eosin concentrations ``[B, H, W]``
     as ``site`` stains and scans them; ``generator`` draws the sensor noise."""

@@ -23,11 +23,9 @@ Magnification: with ``magnifications`` (site → scan magnification) and ``targe
 resized by ``target / site`` (bilinear, antialiased when shrinking) and its mask likewise (nearest), sizes
 rounded to whole pixels. Without them nothing is resized.
 
-Patches: each (resized) image and its mask are cut into ``patch_size`` squares laid every ``patch_size``
-pixels from the top-left corner; where a side is not a multiple of ``patch_size`` the last row or column is
-moved back to end at the border (overlapping its neighbour), so every pixel is covered and every tile is
-whole. A side shorter than ``patch_size`` is first padded at its end (bottom / right) by reflection, image and
-mask alike. Every client thus yields samples of one size, as the shared amplitude of HarmoFL needs.
+Patches: each (resized) image and its mask are cut together into ``patch_size`` tiles that cover every pixel
+(:func:`harmofl.data.patches.tile`), so every client yields samples of one size, as the shared amplitude of HarmoFL
+needs.
 
 Memory: everything is decoded, resized and tiled once in :meth:`SegmentationFolders.setup` and held in memory
 as 8-bit (images: 3 bytes, masks: 1 byte per pixel; 0.25 MiB per 256² patch), the nuclei sources being a few
@@ -38,34 +36,22 @@ hundred images; batches are converted to float / long as they are served. 8 bits
 from __future__ import annotations
 
 import csv
-import itertools
-import math
-from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from harmofl.data.base import SPLITS, FederatedDataModule, Split
-from harmofl.data.files import (
-    IMAGE_SUFFIXES,
-    BadSamplePolicy,
-    DataError,
-    check_bad_sample_policy,
-    check_fractions,
-    find_site_folders,
-    keep_good_samples,
-    named_generator,
-    read_image,
-    read_mask,
-    require_dir,
-)
+from harmofl.data.base import SPLITS, Split
+from harmofl.data.checks import DataError, check_at_least, keep_good_samples, require_dir
+from harmofl.data.image_io import IMAGE_SUFFIXES, list_images, read_image, read_mask
+from harmofl.data.patches import PatchDataset, rescale, tile
+from harmofl.data.sites import SiteFolderFederation
+from harmofl.data.splits import Fractions, check_fractions, named_generator, random_subset, split_groups
 
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")  # lossless formats only
 MASK_TAG = "_mask"
@@ -77,55 +63,7 @@ class _Pair:
     """An image and its mask (None when no mask matched: a bad sample)."""
 
     image: Path
-    mask: Optional[Path]
-
-
-class PatchDataset(Dataset):
-    """In-memory patches ``uint8 [N, 3, P, P]`` and masks ``uint8 [N, P, P]``, served as float in [0, 1] and long."""
-
-    def __init__(self, images: Tensor, masks: Tensor) -> None:
-        self.images = images
-        self.masks = masks
-
-    def __len__(self) -> int:
-        return len(self.masks)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return self.images[index].float().div_(255.0), self.masks[index].long()
-
-
-def tile_offsets(length: int, size: int) -> list[int]:
-    """Start of every tile along a side of ``length >= size``: every ``size`` pixels, the last flush with the end."""
-    starts = list(range(0, length - size + 1, size))
-    if starts[-1] + size < length:
-        starts.append(length - size)
-    return starts
-
-
-def tile(array: Tensor, size: int) -> Tensor:
-    """``array [C, H, W]`` as ``[N, C, size, size]`` tiles, row-major; short sides reflection-padded at the end."""
-    pad_h, pad_w = max(0, size - array.shape[1]), max(0, size - array.shape[2])
-    if pad_h or pad_w:
-        # numpy reflects repeatedly where the pad exceeds the side; torch's reflect pad refuses to.
-        array = torch.from_numpy(np.pad(array.numpy(), ((0, 0), (0, pad_h), (0, pad_w)), mode="reflect"))
-    corners = itertools.product(tile_offsets(array.shape[1], size), tile_offsets(array.shape[2], size))
-    return torch.stack([array[:, y : y + size, x : x + size] for y, x in corners])
-
-
-def rescale(image: Tensor, mask: Tensor, factor: float) -> tuple[Tensor, Tensor]:
-    """``image [C, H, W]`` (bilinear) and ``mask [H, W]`` (nearest) resized by ``factor``, to whole pixels."""
-    size = [max(1, round(side * factor)) for side in mask.shape]
-    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-    # nearest-exact samples pixel centres, as bilinear with align_corners=False does: image and mask stay aligned.
-    mask = F.interpolate(mask[None, None].to(torch.uint8), size=size, mode="nearest-exact")[0, 0]
-    return image, mask
-
-
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(
-        path for path in folder.iterdir()
-        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
-    )
+    mask: Path | None
 
 
 def _read_split_csv(path: Path, images: dict[str, Path]) -> dict[str, Split]:
@@ -155,78 +93,53 @@ def _read_split_csv(path: Path, images: dict[str, Path]) -> dict[str, Split]:
     return splits
 
 
-class SegmentationFolders(FederatedDataModule):
+class SegmentationFolders(SiteFolderFederation):
     """Segmentation sites from folders (``root/<site>/images``, ``masks``): binary foreground masks, fixed-size patches.
 
     See the module's docstring for the layout, pairing, splits, magnification and patching rules.
 
     Args:
-        root: the folder holding one folder per site.
-        sites: the sites to use, in client order; None: every (non-hidden) subfolder of ``root``, sorted.
         patch_size: side of the square patches every site is cut into, in pixels.
         magnifications: each site's scan magnification (e.g. ``{kumar: 40, tnbc: 40}``): all sites or none.
         target_magnification: the magnification every site is resized to; needs ``magnifications``.
         fractions: train / val / test fractions of a site's images, for sites without ``split.csv``.
         max_patches_per_split: keep at most this many patches per site and split (a seeded random subset).
-        on_bad_sample: ``error`` stops on the first bad pair; ``skip`` leaves bad pairs out, counted per site
-            in :attr:`skipped`.
         seed: seeds the splits and the patch subsets.
-        batch_size: training batch size.
-        eval_batch_size: validation and test batch size; ``batch_size`` when None.
-        num_workers: loader worker processes.
-        pin_memory: whether loaders pin memory.
     """
+
+    layout = "each with images/ and masks/"
 
     def __init__(
         self,
         root: str,
-        sites: Optional[list[str]] = None,
+        sites: list[str] | None = None,
         patch_size: int = 256,
-        magnifications: Optional[dict[str, float]] = None,
-        target_magnification: Optional[float] = None,
-        fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
-        max_patches_per_split: Optional[int] = None,
-        on_bad_sample: BadSamplePolicy = "error",
+        magnifications: dict[str, float] | None = None,
+        target_magnification: float | None = None,
+        fractions: Fractions = (0.7, 0.15, 0.15),
+        max_patches_per_split: int | None = None,
         seed: int = 0,
-        batch_size: int = 32,
-        eval_batch_size: Optional[int] = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
+        **options: Any,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
-        if sites is not None and (not sites or len(set(sites)) != len(sites)):
-            raise ValueError(f"data.sites must name at least one site, each once, or be null; got {sites}.")
-        if patch_size < 1:
-            raise ValueError(f"data.patch_size must be >= 1, got {patch_size}.")
+        super().__init__(root, sites, **options)
+        check_at_least("patch_size", patch_size, 1)
         if (magnifications is None) != (target_magnification is None):
             raise ValueError("data.magnifications and data.target_magnification go together: give both (resize every "
                              "site to the target) or neither (no resizing).")
-        if magnifications is not None and min([*magnifications.values(), target_magnification]) <= 0:
+        given = [*(magnifications or {}).values(), *([] if target_magnification is None else [target_magnification])]
+        if any(value <= 0 for value in given):
             raise ValueError(f"data.magnifications and data.target_magnification must be > 0, got "
                              f"{magnifications} and {target_magnification}.")
-        if max_patches_per_split is not None and max_patches_per_split < 1:
-            raise ValueError(f"data.max_patches_per_split must be >= 1 or null, got {max_patches_per_split}.")
-        self.root = Path(root).expanduser()
-        self.sites = sites
+        check_at_least("max_patches_per_split", max_patches_per_split, 1, nullable=True)
         self.patch_size = patch_size
         self.magnifications = magnifications
         self.target_magnification = target_magnification
         # Every split must be able to hold images: no fraction may be 0.
         self.fractions = check_fractions(fractions, "fractions", allow_empty=False)
         self.max_patches_per_split = max_patches_per_split
-        self.on_bad_sample = check_bad_sample_policy(on_bad_sample)
         self.seed = seed
-        #: Bad pairs left out per site (``on_bad_sample="skip"``), filled by :meth:`setup`.
-        self.skipped: dict[str, int] = {}
-        self._clients: Optional[list[str]] = None
 
-    @property
-    def client_names(self) -> list[str]:
-        if self._clients is None:
-            self._clients = self._find_sites()
-        return list(self._clients)
-
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         """Check every site's layout, then load, resize and tile each site's pairs; once per instance."""
         if self._datasets:
             return
@@ -234,20 +147,16 @@ class SegmentationFolders(FederatedDataModule):
         factors = self._scale_factors(sites)
         # Layout and split errors of every site come before the first (slow) decoding.
         plans = {site: self._plan(site) for site in sites}
-        datasets: dict[tuple[str, Split], PatchDataset] = {}
+        datasets: dict[tuple[str, Split], Dataset] = {}
         for site, (pairs, splits) in plans.items():
             for split, dataset in self._load_site(site, pairs, splits, factors[site]).items():
                 datasets[(site, split)] = dataset
         # Set only once every site has loaded: a setup that failed half-way is not mistaken for a finished one.
         self._datasets = datasets
 
-    def _find_sites(self) -> list[str]:
-        root = require_dir(self.root, "data.root (one folder per site)")
-        return find_site_folders(root, self.sites, "each with images/ and masks/")
-
     def _scale_factors(self, sites: list[str]) -> dict[str, float]:
-        if self.magnifications is None:
-            return {site: 1.0 for site in sites}
+        if self.magnifications is None or self.target_magnification is None:
+            return dict.fromkeys(sites, 1.0)
         missing = [site for site in sites if site not in self.magnifications]
         if missing:
             raise DataError(f"data.magnifications gives no magnification for site(s) {missing}: give every site's "
@@ -263,7 +172,7 @@ class SegmentationFolders(FederatedDataModule):
         images_dir = require_dir(folder / "images", f"Site {site!r} needs images/ and masks/; its images folder")
         masks_dir = require_dir(folder / "masks", f"Site {site!r} needs images/ and masks/; its masks folder")
         images: dict[str, Path] = {}
-        for path in _image_files(images_dir):
+        for path in list_images(images_dir):
             if path.stem in images:
                 raise DataError(f"{images[path.stem]} and {path} share the stem {path.stem!r}; masks pair with "
                                 "images by stem: rename or remove one.")
@@ -271,7 +180,7 @@ class SegmentationFolders(FederatedDataModule):
         if not images:
             raise DataError(f"Site {site!r}: no image files ({', '.join(IMAGE_SUFFIXES)}) in {images_dir}.")
         masks: dict[str, Path] = {}
-        for path in _image_files(masks_dir):
+        for path in list_images(masks_dir):
             if path.suffix.lower() not in MASK_SUFFIXES:
                 raise DataError(f"{path}: masks must be lossless ({', '.join(MASK_SUFFIXES)}); JPEG compression "
                                 "alters labels. Save it as .png or .tif.")
@@ -288,14 +197,14 @@ class SegmentationFolders(FederatedDataModule):
         return pairs, splits
 
     def _random_splits(self, site: str, pairs: list[_Pair]) -> dict[str, Split]:
-        count = len(pairs)
-        ends = [math.floor(count * total + 0.5) for total in itertools.accumulate(self.fractions)]  # half up
-        order = torch.randperm(count, generator=named_generator("harmofl-folders", self.seed, site, "split")).tolist()
-        # The image at rank r of the permutation goes to the split whose cumulative end first exceeds r.
-        return {pairs[index].image.stem: SPLITS[bisect_right(ends, rank)] for rank, index in enumerate(order)}
+        """The split of each image (by stem): every image a group of its own, in a stream of the site's."""
+        stream = named_generator("harmofl-folders", self.seed, site, "split")
+        codes = split_groups(np.arange(len(pairs)), len(pairs), self.fractions, stream)
+        return {pair.image.stem: SPLITS[code] for pair, code in zip(pairs, codes.tolist())}
 
     def _patches(self, pair: _Pair, factor: float) -> tuple[Tensor, Tensor]:
         """One pair read, checked, resized, quantized to 8 bits and tiled: ``[N, 3, P, P]``, ``[N, P, P]`` uint8."""
+        assert pair.mask is not None  # a pair without a mask is a bad sample, never read
         image, mask = read_image(pair.image), read_mask(pair.mask)
         if mask.shape != image.shape[1:]:
             raise DataError(f"its mask {pair.mask} is {tuple(mask.shape)} (H, W) but the image is "
@@ -313,7 +222,7 @@ class SegmentationFolders(FederatedDataModule):
         """A site's datasets per split; its count of skipped pairs goes to :attr:`skipped`."""
         patches: dict[str, tuple[Tensor, Tensor]] = {}
 
-        def problem_of(pair: _Pair) -> Optional[str]:
+        def problem_of(pair: _Pair) -> str | None:
             # Decoding is the only full integrity check (PIL's verify() passes truncated TIFF and JPEG files), so
             # checking a pair loads it, and the patches of the good ones are kept.
             if pair.mask is None:
@@ -338,8 +247,8 @@ class SegmentationFolders(FederatedDataModule):
                                 f"{len(pairs)}): {fix}.")
             images, masks = torch.cat([c[0] for c in chosen]), torch.cat([c[1] for c in chosen])
             if self.max_patches_per_split is not None and len(masks) > self.max_patches_per_split:
-                keep = torch.randperm(len(masks), generator=named_generator("harmofl-folders", self.seed, site, split))
-                keep = keep[: self.max_patches_per_split].sort().values
+                stream = named_generator("harmofl-folders", self.seed, site, split)
+                keep = random_subset(len(masks), self.max_patches_per_split, stream)
                 images, masks = images[keep], masks[keep]
             datasets[split] = PatchDataset(images, masks)
         counts = ", ".join(f"{len(dataset)} {split}" for split, dataset in datasets.items())
