@@ -123,8 +123,9 @@ def run_worker(
     with tempfile.TemporaryDirectory(prefix="harmofl-bench-") as folder:
         result = Path(folder) / "result.pt"
         cache = Path(folder) / "cache" if fresh_cache else None
-        worker = start_worker(arguments, result, threads=threads, cache=cache, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT)
+        worker = start_worker(
+            arguments, result, threads=threads, cache=cache, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         try:
             output, _ = worker.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -303,11 +304,14 @@ def print_table(columns: Sequence[Column], rows: Iterable[Any]) -> None:
     lines += cells
     widths = [max(len(line[index]) for line in lines) for index in range(len(columns))]
     for line in lines:
-        print("  ".join(text.ljust(width) if column.left else text.rjust(width)
-                        for column, text, width in zip(columns, line, widths)).rstrip())
+        print(
+            "  ".join(
+                text.ljust(width) if column.left else text.rjust(width)
+                for column, text, width in zip(columns, line, widths)
+            ).rstrip()
+        )
 
 
 def ratio(numerator: float, denominator: float) -> float:
     """``numerator / denominator``, NaN where the denominator is 0 (a figure too small to have been measured)."""
     return numerator / denominator if denominator else float("nan")
-

@@ -209,8 +209,9 @@ def measure(work: Workload, device: torch.device, repeats: int) -> tuple[Medians
             band, momentum = p["band"], p["momentum"]
             with torch.no_grad():
                 times.time(f"ours {name}", functools.partial(ours, images, running, band, momentum, out), device)
-                times.time(f"reference {name}", functools.partial(reference, images, host_running, band, momentum, out),
-                           device)
+                times.time(
+                    f"reference {name}", functools.partial(reference, images, host_running, band, momentum, out), device
+                )
         times.time("step", functools.partial(step, images), device)
     medians = times.medians()
     return (

@@ -64,8 +64,10 @@ UNET_KWARGS = {"base_features": 8}
 SEED = 0
 TARGET_RATIO = 1.05
 # The orchestrator's own machinery in profiled file names; the step, harmonization and network, shared, are not.
-ORCHESTRATOR_CODE = (r"harmofl/(federation/\w+|trainer|reporting|checkpoint|aggregation|aggregators|server_optimizers"
-                     r"|validation)\.py|lightning/fabric/(fabric|wrappers)\.py")
+ORCHESTRATOR_CODE = (
+    r"harmofl/(federation/\w+|trainer|reporting|checkpoint|aggregation|aggregators|server_optimizers"
+    r"|validation)\.py|lightning/fabric/(fabric|wrappers)\.py"
+)
 
 Timed = tuple[float, RunResult]
 
@@ -88,8 +90,7 @@ TASKS: dict[str, Task] = {
         sizes={"train_per_site": 192, "val_per_site": 64, "test_per_site": 128, "batch_size": 32},
         client=functools.partial(ClassificationClient, backbone="test_resnet", batch_norm_stats="batch"),
         recipe=Recipe(
-            network=lambda: use_batch_statistics(create_classifier("test_resnet", num_classes=NUM_CLASSES,
-                                                                   in_chans=3)),
+            network=lambda: use_batch_statistics(create_classifier("test_resnet", num_classes=NUM_CLASSES, in_chans=3)),
             optimizer=functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=1e-4),
             preset="reference",
             loss=F.cross_entropy,
@@ -140,14 +141,19 @@ class Workload:
 
     def options(self) -> list[str]:
         """The command-line options that give this workload (to start a worker with)."""
-        return [item for spec in dataclasses.fields(self)
-                for item in (f"--{spec.name.replace('_', '-')}", str(getattr(self, spec.name)))]
+        return [
+            item
+            for spec in dataclasses.fields(self)
+            for item in (f"--{spec.name.replace('_', '-')}", str(getattr(self, spec.name)))
+        ]
 
 
 def workload_from(args: argparse.Namespace, task: str) -> Workload:
     """The task's workload: its demo sizes, each replaced by the option given."""
-    sizes = {name: default if getattr(args, name) is None else getattr(args, name)
-             for name, default in TASKS[task].sizes.items()}
+    sizes = {
+        name: default if getattr(args, name) is None else getattr(args, name)
+        for name, default in TASKS[task].sizes.items()
+    }
     return Workload(task, args.rounds, args.clients, args.image_size, **sizes)
 
 
@@ -161,8 +167,13 @@ def run_orchestrator(work: Workload, data: FederatedDataModule, root: Path, devi
     client = task.client(num_classes=NUM_CLASSES, alpha=ALPHA, optimizer=task.recipe.optimizer)
     counter = PassCounter(client.model)
     trainer = FederatedTrainer(
-        rounds=work.rounds, accelerator="cpu", devices=devices, enable_progress_bar=False, default_root_dir=str(root),
-        callbacks=[AmplitudeHarmonization(preset=task.recipe.preset, share_target="first_round")], seed=SEED,
+        rounds=work.rounds,
+        accelerator="cpu",
+        devices=devices,
+        enable_progress_bar=False,
+        default_root_dir=str(root),
+        callbacks=[AmplitudeHarmonization(preset=task.recipe.preset, share_target="first_round")],
+        seed=SEED,
     )
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # every process launched and joined: start-up is not timed
@@ -271,9 +282,11 @@ def benchmark(work: Workload, processes: list[int], threads: int, repeats: int) 
     reference = last[1][1] if 1 in last else run_plain_at(work, data, threads)[1]
     for row in rows:
         row.weight_gap, row.metric_gap = check_same_work(work.rounds, data, *last[row.processes], reference)
-    print(f"{work.task}: {work.spec.description}; {work.clients} clients x {work.train_per_site} training images "
-          f"({work.image_size}px, batch {work.batch_size}); passes per run (both): "
-          + ", ".join(f"{count} {name}" for name, count in expected_passes(work.rounds, data).items()))
+    print(
+        f"{work.task}: {work.spec.description}; {work.clients} clients x {work.train_per_site} training images "
+        f"({work.image_size}px, batch {work.batch_size}); passes per run (both): "
+        + ", ".join(f"{count} {name}" for name, count in expected_passes(work.rounds, data).items())
+    )
     return rows
 
 
@@ -284,8 +297,9 @@ TABLE = (
     harness.Column("plain (s)", lambda row: f"{row.times.median('plain'):.3f}"),
     harness.Column("ratio", lambda row: f"{row.ratio:.3f}"),
     harness.Column("extra/round (ms)", lambda row: f"{row.extra_per_round * 1e3:.0f}"),
-    harness.Column("same work", lambda row: f"yes: weights {row.weight_gap:.1e}, metrics {row.metric_gap:.1e}",
-                   left=True),
+    harness.Column(
+        "same work", lambda row: f"yes: weights {row.weight_gap:.1e}, metrics {row.metric_gap:.1e}", left=True
+    ),
 )
 
 
@@ -304,8 +318,13 @@ def profile_orchestrator(work: Workload, top: int) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
-    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2],
-                        help="orchestrator processes (trainer.devices) of each row; at most --clients")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="orchestrator processes (trainer.devices) of each row; at most --clients",
+    )
     # 3 rounds keep the default run (both tasks, 1 and 2 processes) near 4 minutes on 2 idle cores.
     parser.add_argument("--rounds", type=int, default=3, help="communication rounds per timed run")
     parser.add_argument("--clients", type=int, default=4, help="sites of the demo federation")
@@ -322,23 +341,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    print(f"HarmoFL overhead: {', '.join(args.task)}; {args.rounds} rounds, {args.repeats} repetition(s); "
-          f"orchestrator processes x threads / plain loop threads")
+    print(
+        f"HarmoFL overhead: {', '.join(args.task)}; {args.rounds} rounds, {args.repeats} repetition(s); "
+        f"orchestrator processes x threads / plain loop threads"
+    )
     print(harness.describe_machine())
     rows: list[Row] = []
     for task in args.task:
         rows += benchmark(workload_from(args, task), args.processes, args.threads, args.repeats)
     print(f"plain loop omits: {OMITS}\n")
     harness.print_table(TABLE, rows)
-    print(f"(medians; same work: the expected passes in both runs, and the max |difference| of the orchestrator's "
-          f"global weights and last-round metrics from the plain loop's at {args.threads} thread(s), its own per "
-          f"process)")
+    print(
+        f"(medians; same work: the expected passes in both runs, and the max |difference| of the orchestrator's "
+        f"global weights and last-round metrics from the plain loop's at {args.threads} thread(s), its own per "
+        f"process)"
+    )
     if args.profile:
         for task in args.task:
             profile_orchestrator(workload_from(args, task), top=20)
     elif any(row.ratio > TARGET_RATIO for row in rows):
-        print(f"\nThe orchestrator costs over {TARGET_RATIO - 1:.0%} more: rerun with --profile to see where its "
-              "time goes.")
+        print(
+            f"\nThe orchestrator costs over {TARGET_RATIO - 1:.0%} more: rerun with --profile to see where its "
+            "time goes."
+        )
     print(f"\nratio orchestrator/plain: target <= {TARGET_RATIO:.2f}")
 
 

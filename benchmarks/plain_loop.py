@@ -90,10 +90,10 @@ class PassCounter:
 def expected_passes(rounds: int, data: FederatedDataModule) -> dict[str, int]:
     """Two forwards and two backwards per training batch; one forward per evaluation batch."""
     train = sum(-(-data.num_samples(c, "train") // data.batch_size) for c in data.client_names)
-    evaluation = sum(-(-data.num_samples(c, split) // data.eval_batch_size)
-                     for c in data.client_names for split in ("val", "test"))
-    return {"train forward": 2 * train * rounds, "eval forward": evaluation * rounds,
-            "backward": 2 * train * rounds}
+    evaluation = sum(
+        -(-data.num_samples(c, split) // data.eval_batch_size) for c in data.client_names for split in ("val", "test")
+    )
+    return {"train forward": 2 * train * rounds, "eval forward": evaluation * rounds, "backward": 2 * train * rounds}
 
 
 def check_same_work(
@@ -104,17 +104,25 @@ def check_same_work(
     of global weights and of last-round metrics from ``reference``."""
     expected = expected_passes(rounds, data)
     if not orchestrator.passes == plain.passes == expected:
-        raise RuntimeError(f"The runs did different work: orchestrator {orchestrator.passes}, plain {plain.passes}, "
-                           f"expected {expected}.")
+        raise RuntimeError(
+            f"The runs did different work: orchestrator {orchestrator.passes}, plain {plain.passes}, "
+            f"expected {expected}."
+        )
     if orchestrator.global_state.keys() != reference.global_state.keys():
         raise RuntimeError("The orchestrator's and the plain loop's networks have different state-dict keys.")
-    weight_gap = max((orchestrator.global_state[k].double() - reference.global_state[k].double()).abs().max().item()
-                     for k in reference.global_state)
+    weight_gap = max(
+        (orchestrator.global_state[k].double() - reference.global_state[k].double()).abs().max().item()
+        for k in reference.global_state
+    )
     if weight_gap > WEIGHT_TOLERANCE:
-        raise RuntimeError(f"The runs reached different global weights: max |difference| {weight_gap:.2e} > "
-                           f"{WEIGHT_TOLERANCE:.0e}.")
-    metric_gap = max(abs(orchestrator.metrics[key][name] - value)
-                     for key, row in reference.metrics.items() for name, value in row.items())
+        raise RuntimeError(
+            f"The runs reached different global weights: max |difference| {weight_gap:.2e} > {WEIGHT_TOLERANCE:.0e}."
+        )
+    metric_gap = max(
+        abs(orchestrator.metrics[key][name] - value)
+        for key, row in reference.metrics.items()
+        for name, value in row.items()
+    )
     return weight_gap, metric_gap
 
 
@@ -189,12 +197,18 @@ def federate(
             network.load_state_dict(global_state)
             for client in clients:
                 for split in ("val", "test"):
-                    results[(client, split)] = evaluate(network, data, client, split, metrics, recipe.predictions,
-                                                        harmonization)
+                    results[(client, split)] = evaluate(
+                        network, data, client, split, metrics, recipe.predictions, harmonization
+                    )
                     writer.writerow([round_idx + 1, client, split, "", *results[(client, split)].values()])
             metrics_file.flush()
-            checkpoint = {"round": round_idx + 1, "global_state": global_state, "optimizer_states": optimizer_states,
-                          "client_targets": harmonization.client_targets, "shared_target": harmonization.shared_target}
+            checkpoint = {
+                "round": round_idx + 1,
+                "global_state": global_state,
+                "optimizer_states": optimizer_states,
+                "client_targets": harmonization.client_targets,
+                "shared_target": harmonization.shared_target,
+            }
             torch.save(checkpoint, root / "last.ckpt")
     return global_state, results
 
@@ -202,12 +216,20 @@ def federate(
 def training_loader(data: FederatedDataModule, client: str, seed: int) -> DataLoader:
     """The client's training loader, shuffled as the trainer shuffles it; the global RNG seeded as it seeds it."""
     torch.manual_seed(seed)
-    return DataLoader(data.dataset(client, "train"), batch_size=data.batch_size, shuffle=True,
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        data.dataset(client, "train"),
+        batch_size=data.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def train_client(
-    network: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Loss, harmonization: Harmonization, client: str,
+    network: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Loss,
+    harmonization: Harmonization,
+    client: str,
     loader: DataLoader,
 ) -> float:
     """One epoch of perturbed steps on harmonized batches; the mean unperturbed loss."""
@@ -252,8 +274,13 @@ def fedavg(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def evaluate(
-    network: nn.Module, data: FederatedDataModule, client: str, split: str, metrics: MetricCollection,
-    predictions: Callable[[Tensor], Tensor], harmonization: Harmonization,
+    network: nn.Module,
+    data: FederatedDataModule,
+    client: str,
+    split: str,
+    metrics: MetricCollection,
+    predictions: Callable[[Tensor], Tensor],
+    harmonization: Harmonization,
 ) -> dict[str, float]:
     """The global model's metrics on one client's split, its images harmonized to the shared target."""
     assert harmonization.shared_target is not None  # shared after round 1's aggregation, before any evaluation

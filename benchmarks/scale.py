@@ -58,8 +58,16 @@ MB = 1024**2
 # The per-client-round orchestration time may vary this much between counts before it counts as growing.
 GROWTH_TOLERANCE = 1.25
 # The options a worker needs to run the same workload as the driver was asked for.
-WORKLOAD_OPTIONS = ("rounds", "train_per_site", "val_per_site", "test_per_site", "image_size", "batch_size",
-                    "backbone", "seed")
+WORKLOAD_OPTIONS = (
+    "rounds",
+    "train_per_site",
+    "val_per_site",
+    "test_per_site",
+    "image_size",
+    "batch_size",
+    "backbone",
+    "seed",
+)
 SPLITS = ("train", "val", "test")
 
 
@@ -103,9 +111,15 @@ def peak_rss_bytes() -> int:
 
 def run_count(call: harness.WorkerCall) -> None:
     args = parse_args(call.arguments)
-    data = DemoHistology(num_sites=args.count, train_per_site=args.train_per_site, val_per_site=args.val_per_site,
-                         test_per_site=args.test_per_site, image_size=args.image_size, batch_size=args.batch_size,
-                         seed=args.seed)
+    data = DemoHistology(
+        num_sites=args.count,
+        train_per_site=args.train_per_site,
+        val_per_site=args.val_per_site,
+        test_per_site=args.test_per_site,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
     with harness.Timer() as setup:
         data.setup("fit")  # the trainer's own setup call is then a no-op
     data_bytes = sum(tensor_bytes(list(data.dataset(c, s).tensors)) for c in data.client_names for s in SPLITS)
@@ -113,32 +127,47 @@ def run_count(call: harness.WorkerCall) -> None:
     clock = harness.Clock()
     clock.track_gc()
     torch.manual_seed(args.seed)
-    model = TimedClient(backbone=args.backbone, batch_norm_stats="batch", alpha=0.05,
-                        optimizer=functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=1e-4))
+    model = TimedClient(
+        backbone=args.backbone,
+        batch_norm_stats="batch",
+        alpha=0.05,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=1e-4),
+    )
     model.clock = clock
     harmonization = AmplitudeHarmonization(preset="reference", share_target="first_round")
     timer = harness.RoundTimer(clock)
     rss_before_fit = peak_rss_bytes()
     with tempfile.TemporaryDirectory(prefix="harmofl-scale-") as root:
-        trainer = FederatedTrainer(rounds=args.rounds, accelerator="cpu", devices=1, enable_progress_bar=False,
-                                   default_root_dir=root, callbacks=[harmonization, timer], seed=args.seed)
+        trainer = FederatedTrainer(
+            rounds=args.rounds,
+            accelerator="cpu",
+            devices=1,
+            enable_progress_bar=False,
+            default_root_dir=root,
+            callbacks=[harmonization, timer],
+            seed=args.seed,
+        )
         with contextlib.redirect_stdout(io.StringIO()):  # the best-round table, 64 rows long
             trainer.fit(model, data)
         checkpoint_bytes = (trainer.checkpoint_dir / "last.ckpt").stat().st_size
     record = trainer.client_records[data.client_names[0]]
-    call.save({
-        "clients": args.count,
-        "setup_seconds": setup.seconds,
-        "data_bytes": data_bytes,
-        "rss_before_fit": rss_before_fit,
-        "peak_rss": peak_rss_bytes(),
-        "record_bytes": tensor_bytes(record),
-        "callback_client_bytes": tensor_bytes(harmonization.client_state_dict(data.client_names[0])),
-        "model_bytes": tensor_bytes(model.state_dict()),
-        "optimizer_bytes": tensor_bytes(record.optimizer_state),  # the optimizer's state, kept per client on the host
-        "checkpoint_bytes": checkpoint_bytes,
-        "rounds": timer.after_warm_up(),
-    })
+    call.save(
+        {
+            "clients": args.count,
+            "setup_seconds": setup.seconds,
+            "data_bytes": data_bytes,
+            "rss_before_fit": rss_before_fit,
+            "peak_rss": peak_rss_bytes(),
+            "record_bytes": tensor_bytes(record),
+            "callback_client_bytes": tensor_bytes(harmonization.client_state_dict(data.client_names[0])),
+            "model_bytes": tensor_bytes(model.state_dict()),
+            "optimizer_bytes": tensor_bytes(
+                record.optimizer_state
+            ),  # the optimizer's state, kept per client on the host
+            "checkpoint_bytes": checkpoint_bytes,
+            "rounds": timer.after_warm_up(),
+        }
+    )
 
 
 # -- the driver: one worker per count, then the table -------------------------------------------------------------
@@ -182,8 +211,9 @@ def summarize(runs: dict[int, list[dict[str, Any]]]) -> dict[int, dict[str, floa
     for count, repeats in runs.items():
         samples = harness.Samples()
         for run in repeats:
-            figures = per_client_round(run) | {key: float(run[key]) for key in ("peak_rss", "rss_before_fit",
-                                                                                  "setup_seconds")}
+            figures = per_client_round(run) | {
+                key: float(run[key]) for key in ("peak_rss", "rss_before_fit", "setup_seconds")
+            }
             for key, value in figures.items():
                 samples[key].append(value)
         table[count] = samples.medians() | {"clients": count, "checkpoint_bytes": repeats[0]["checkpoint_bytes"]}
@@ -210,29 +240,39 @@ def report(args: argparse.Namespace, runs: dict[int, list[dict[str, Any]]], load
     table = summarize(runs)
     counts = sorted(table)
     sample = runs[counts[0]][0]
-    print(f"HarmoFL many clients on one device: {args.backbone}, {args.image_size}px, per client "
-          f"{args.train_per_site} train / {args.val_per_site} val / {args.test_per_site} test images, batch "
-          f"{args.batch_size}, {args.rounds} rounds (timings: rounds 2-{args.rounds}), {args.threads} thread(s), "
-          f"{args.repeats} repeat(s)")
+    print(
+        f"HarmoFL many clients on one device: {args.backbone}, {args.image_size}px, per client "
+        f"{args.train_per_site} train / {args.val_per_site} val / {args.test_per_site} test images, batch "
+        f"{args.batch_size}, {args.rounds} rounds (timings: rounds 2-{args.rounds}), {args.threads} thread(s), "
+        f"{args.repeats} repeat(s)"
+    )
     print(f"{harness.describe_machine()} (before: {load_before:.1f})\n")
     harness.print_table(TABLE, [table[count] for count in counts])
-    print("RSS fit0: peak RSS before fit, with the data made and the model built; cr: per client-round; orch: round "
-          "wall\nminus steps minus checkpoint; ckpt: on_save_checkpoint to on_round_end (last.ckpt written, best.ckpt "
-          "copied in\nimproving rounds, metrics.csv, summary.json); gc: garbage collection, wherever it fell (also "
-          "counted in the\nother columns)")
+    print(
+        "RSS fit0: peak RSS before fit, with the data made and the model built; cr: per client-round; orch: round "
+        "wall\nminus steps minus checkpoint; ckpt: on_save_checkpoint to on_round_end (last.ckpt written, best.ckpt "
+        "copied in\nimproving rounds, metrics.csv, summary.json); gc: garbage collection, wherever it fell (also "
+        "counted in the\nother columns)"
+    )
 
     per_client = sample["data_bytes"] / counts[0] + sample["record_bytes"] + sample["callback_client_bytes"]
     print()
     if len(counts) > 1:
         for key, label in (("peak_rss", "peak RSS"), ("rss_before_fit", "RSS before fit")):
             slope, intercept = linear_fit(counts, [table[c][key] for c in counts])
-            print(f"{label} growth: {slope / MB:.3f} MB per added client (fit: {intercept / MB:.0f} MB + "
-                  f"{slope / MB:.3f} MB x clients)")
-    print(f"a client adds by construction {per_client / MB:.3f} MB on the host:\n  data "
-          f"{sample['data_bytes'] / counts[0] / MB:.3f} MB, record {sample['record_bytes'] / MB:.3f} MB "
-          f"(trainer.client_records[c]), harmonization target {sample['callback_client_bytes'] / 1024:.1f} KiB")
-    print(f"on the device whatever the count: model state {sample['model_bytes'] / MB:.3f} MB + optimizer state "
-          f"{sample['optimizer_bytes'] / MB:.3f} MB")
+            print(
+                f"{label} growth: {slope / MB:.3f} MB per added client (fit: {intercept / MB:.0f} MB + "
+                f"{slope / MB:.3f} MB x clients)"
+            )
+    print(
+        f"a client adds by construction {per_client / MB:.3f} MB on the host:\n  data "
+        f"{sample['data_bytes'] / counts[0] / MB:.3f} MB, record {sample['record_bytes'] / MB:.3f} MB "
+        f"(trainer.client_records[c]), harmonization target {sample['callback_client_bytes'] / 1024:.1f} KiB"
+    )
+    print(
+        f"on the device whatever the count: model state {sample['model_bytes'] / MB:.3f} MB + optimizer state "
+        f"{sample['optimizer_bytes'] / MB:.3f} MB"
+    )
 
     smallest, largest = table[counts[0]], table[counts[-1]]
     growth = f"{counts[-1]}/{counts[0]} clients"
@@ -241,11 +281,15 @@ def report(args: argparse.Namespace, runs: dict[int, list[dict[str, Any]]], load
         # Against the training steps' own ratio: what is left once the machine's changing load is divided out.
         relative = harness.ratio(growth_ratio, harness.ratio(largest["train"], smallest["train"]))
         verdict = "met" if growth_ratio <= GROWTH_TOLERANCE else "NOT met"
-        print(f"{key} per client-round, {growth} = {growth_ratio:.2f} (target <= {GROWTH_TOLERANCE}: {verdict}); "
-              f"relative to the training steps' ratio: {relative:.2f}")
+        print(
+            f"{key} per client-round, {growth} = {growth_ratio:.2f} (target <= {GROWTH_TOLERANCE}: {verdict}); "
+            f"relative to the training steps' ratio: {relative:.2f}"
+        )
     per_client_checkpoint = harness.ratio(largest["checkpoint"] / counts[-1], smallest["checkpoint"] / counts[0])
-    print(f"checkpoint per client per round, {growth} = {per_client_checkpoint:.2f} (about 1: O(clients) per "
-          f"round; growing: O(clients²))")
+    print(
+        f"checkpoint per client per round, {growth} = {per_client_checkpoint:.2f} (about 1: O(clients) per "
+        f"round; growing: O(clients²))"
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

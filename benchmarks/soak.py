@@ -81,8 +81,11 @@ def run_worker(call: harness.WorkerCall) -> None:
         clients_per_round=3,
         client_retries=1,
         server_optimizer=FedAvgM(momentum=0.9),
-        callbacks=[AmplitudeHarmonization(preset="paper", share_target="every_round"), Scaffold(),
-                   TransientFaults(args.fault_rate, args.seed)],
+        callbacks=[
+            AmplitudeHarmonization(preset="paper", share_target="every_round"),
+            Scaffold(),
+            TransientFaults(args.fault_rate, args.seed),
+        ],
         accelerator="cpu",
         enable_progress_bar=False,
         default_root_dir=str(args.root),
@@ -90,17 +93,28 @@ def run_worker(call: harness.WorkerCall) -> None:
     )
     torch.manual_seed(args.seed)
     model = ClassificationClient(
-        backbone="test_resnet", batch_norm_stats="batch", alpha=0.05,
+        backbone="test_resnet",
+        batch_norm_stats="batch",
+        alpha=0.05,
         optimizer=functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9),
     )
-    data = DemoHistology(num_sites=4, train_per_site=16, val_per_site=8, test_per_site=8, image_size=32,
-                         batch_size=8, seed=args.seed)
+    data = DemoHistology(
+        num_sites=4, train_per_site=16, val_per_site=8, test_per_site=8, image_size=32, batch_size=8, seed=args.seed
+    )
     trainer.fit(model, data, ckpt_path="last" if args.resume else None)
 
 
 def _worker_arguments(root: Path, args: argparse.Namespace, fault_rate: float, resume: bool) -> list[str]:
-    arguments = ["--root", str(root), "--rounds", str(args.rounds), "--fault_rate", str(fault_rate),
-                 "--seed", str(args.seed)]
+    arguments = [
+        "--root",
+        str(root),
+        "--rounds",
+        str(args.rounds),
+        "--fault_rate",
+        str(fault_rate),
+        "--seed",
+        str(args.seed),
+    ]
     return arguments + (["--resume"] if resume else [])
 
 
@@ -123,8 +137,13 @@ def _run_to_completion(root: Path, args: argparse.Namespace, fault_rate: float, 
         counts["restarts"] += int(resume)
         with log.open("a") as output:
             # The worker leaves no result: its checkpoint and outputs in ``root`` are what is compared.
-            worker = harness.start_worker(_worker_arguments(root, args, fault_rate, resume), root / "result.pt",
-                                          threads=THREADS, stdout=output, stderr=subprocess.STDOUT)
+            worker = harness.start_worker(
+                _worker_arguments(root, args, fault_rate, resume),
+                root / "result.pt",
+                threads=THREADS,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
         if counts["kills"] < kills:
             written = _modified(last)
             while worker.poll() is None and _modified(last) == written:
@@ -204,11 +223,15 @@ def main() -> None:
         )
         differences = _compare(clean, faulty)
     print(f"soak: {args.rounds} rounds, 4 clients (3 per round), seed {args.seed}")
-    print(f"  fault-free run: {clean_seconds:.1f} s; faulty run: {faulty_seconds:.1f} s "
-          f"({counts['restarts']} restarts from last.ckpt)")
+    print(
+        f"  fault-free run: {clean_seconds:.1f} s; faulty run: {faulty_seconds:.1f} s "
+        f"({counts['restarts']} restarts from last.ckpt)"
+    )
     print(f"  client faults injected: {client_faults}, survived (retried): {client_faults}")
-    print(f"  SIGKILLs injected: {counts['kills']}, survived: {counts['kills']} "
-          f"({counts['kills_while_saving']} while a checkpoint was being written)")
+    print(
+        f"  SIGKILLs injected: {counts['kills']}, survived: {counts['kills']} "
+        f"({counts['kills_while_saving']} while a checkpoint was being written)"
+    )
     detail = f" — differs in {differences[:10]}" if differences else " (checkpoint bitwise, metrics.csv, summary.json)"
     print(f"  final state equals the fault-free run: {not differences}{detail}")
     if differences:

@@ -80,8 +80,9 @@ CLOCK = harness.Clock()
 class TimedMean(Mean):
     """FedAvg's mean, with the time of ``center`` (the all-reduce and the division) in bucket ``aggregate``."""
 
-    def center(self, fabric: Fabric, shared: Mapping[str, Tensor], order: Sequence[str],
-               total_weight: float) -> dict[str, Tensor]:
+    def center(
+        self, fabric: Fabric, shared: Mapping[str, Tensor], order: Sequence[str], total_weight: float
+    ) -> dict[str, Tensor]:
         with CLOCK.timing("aggregate"):
             return super().center(fabric, shared, order, total_weight)
 
@@ -100,8 +101,9 @@ class TimedExecutor(InProcessExecutor):
         with CLOCK.timing("data"):
             return super().connect(trainer, datamodule, stage)
 
-    def train(self, round_idx: int, participants: list[str], shared: Mapping[str, Tensor]
-              ) -> Iterator[tuple[str, Outcome]]:
+    def train(
+        self, round_idx: int, participants: list[str], shared: Mapping[str, Tensor]
+    ) -> Iterator[tuple[str, Outcome]]:
         # Only the time inside the generator: what the trainer does with each update between items is not training.
         items = super().train(round_idx, participants, shared)
         while True:
@@ -118,8 +120,11 @@ class TimedExecutor(InProcessExecutor):
 
 def run_configuration(call: harness.WorkerCall) -> None:
     """Every process Fabric launched runs this (the command line is re-run); rank 0 saves the timings."""
-    timing = ["--trainer.callbacks+=__main__.RunTimer", "--trainer.aggregator=__main__.TimedMean",
-              f"--trainer.default_root_dir={call.result.parent / 'run'}"]
+    timing = [
+        "--trainer.callbacks+=__main__.RunTimer",
+        "--trainer.aggregator=__main__.TimedMean",
+        f"--trainer.default_root_dir={call.result.parent / 'run'}",
+    ]
     cli = build([*call.arguments, *timing])
     with contextlib.redirect_stdout(io.StringIO()):  # the best round's table
         cli.trainer.fit(cli.model, cli.datamodule, executor=TimedExecutor())
@@ -149,17 +154,32 @@ class Run:
         figures = []
         for record in self.rounds[1:]:
             parts = {part: record.get(part, 0.0) for part in PARTS}
-            figures.append({**parts, "round": record["round"], "other": record["round"] - sum(parts.values()),
-                            "cpu": record["cpu"] / record["round"],
-                            "aggregate share": parts["aggregate"] / record["round"]})
+            figures.append(
+                {
+                    **parts,
+                    "round": record["round"],
+                    "other": record["round"] - sum(parts.values()),
+                    "cpu": record["cpu"] / record["round"],
+                    "aggregate share": parts["aggregate"] / record["round"],
+                }
+            )
         return figures
 
 
 def launch(layout: str, clients: int, rounds: int, timeout: float) -> Run:
     processes, threads = LAYOUTS[layout]
-    configuration = ["--config", "configs/demo.yaml", "--trainer.rounds", str(rounds), "--trainer.devices",
-                     str(processes), "--data.init_args.num_sites", str(clients), "--trainer.enable_progress_bar",
-                     "false"]
+    configuration = [
+        "--config",
+        "configs/demo.yaml",
+        "--trainer.rounds",
+        str(rounds),
+        "--trainer.devices",
+        str(processes),
+        "--data.init_args.num_sites",
+        str(clients),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     launched, start = time.time(), time.perf_counter()
     result = harness.run_worker(configuration, threads=threads, fresh_cache=True, timeout=timeout)
     wall = time.perf_counter() - start
@@ -204,16 +224,21 @@ TABLE = (
 
 
 def report(args: argparse.Namespace, results: dict[int, dict[str, list[Run]]], load_before: float) -> None:
-    print(f"HarmoFL 1 vs 2 processes on the CPU: configs/demo.yaml, {args.rounds} rounds (per-round figures: "
-          f"rounds 2-{args.rounds}), {args.repeats} repeat(s)")
+    print(
+        f"HarmoFL 1 vs 2 processes on the CPU: configs/demo.yaml, {args.rounds} rounds (per-round figures: "
+        f"rounds 2-{args.rounds}), {args.repeats} repeat(s)"
+    )
     print(f"{harness.describe_machine()} (before: {load_before:.1f})\n")
-    harness.print_table(TABLE, [Row(clients, layout, runs) for clients, layouts in results.items()
-                                for layout, runs in layouts.items()])
-    print("PxT: processes x threads each. Medians over repeats (wall, start-up, data) and over rounds (the rest);\n"
-          "best: the fastest round. data: prepare_data + setup on rank 0; train, evaluate: rank 0's own clients;\n"
-          "aggregate: the mean's all-reduce; checkpoint: last.ckpt, best.ckpt and outputs; other: the rest of the\n"
-          "round (gathers, waiting for the other process, server step, hooks); cpu/wall: rank 0's CPU time over wall\n"
-          "time in a round.")
+    harness.print_table(
+        TABLE, [Row(clients, layout, runs) for clients, layouts in results.items() for layout, runs in layouts.items()]
+    )
+    print(
+        "PxT: processes x threads each. Medians over repeats (wall, start-up, data) and over rounds (the rest);\n"
+        "best: the fastest round. data: prepare_data + setup on rank 0; train, evaluate: rank 0's own clients;\n"
+        "aggregate: the mean's all-reduce; checkpoint: last.ckpt, best.ckpt and outputs; other: the rest of the\n"
+        "round (gathers, waiting for the other process, server step, hooks); cpu/wall: rank 0's CPU time over wall\n"
+        "time in a round."
+    )
 
     print()
     for clients, layouts in results.items():
@@ -226,17 +251,22 @@ def report(args: argparse.Namespace, results: dict[int, dict[str, list[Run]]], l
             return harness.ratio(times[baseline], times["2x1"])
 
         verdict = "met" if speed_up(median, "1x2") >= MIN_SPEEDUP else "NOT met"
-        print(f"{clients} clients, speed-up of 2x1 per round (median rounds; best rounds):\n"
-              f"  vs 1x2 = {speed_up(median, '1x2'):.2f}; {speed_up(best, '1x2'):.2f} (target >= {MIN_SPEEDUP}: "
-              f"{verdict})\n"
-              f"  vs 1x1 = {speed_up(median, '1x1'):.2f}; {speed_up(best, '1x1'):.2f}\n"
-              f"  end to end, start-up included (median runs; best runs): vs 1x2 = {speed_up(walls, '1x2'):.2f}; "
-              f"{speed_up(best_walls, '1x2'):.2f}, vs 1x1 = {speed_up(walls, '1x1'):.2f}; "
-              f"{speed_up(best_walls, '1x1'):.2f}")
+        print(
+            f"{clients} clients, speed-up of 2x1 per round (median rounds; best rounds):\n"
+            f"  vs 1x2 = {speed_up(median, '1x2'):.2f}; {speed_up(best, '1x2'):.2f} (target >= {MIN_SPEEDUP}: "
+            f"{verdict})\n"
+            f"  vs 1x1 = {speed_up(median, '1x1'):.2f}; {speed_up(best, '1x1'):.2f}\n"
+            f"  end to end, start-up included (median runs; best runs): vs 1x2 = {speed_up(walls, '1x2'):.2f}; "
+            f"{speed_up(best_walls, '1x2'):.2f}, vs 1x1 = {speed_up(walls, '1x1'):.2f}; "
+            f"{speed_up(best_walls, '1x1'):.2f}"
+        )
         shares = {layout: median_of(runs, "aggregate share") for layout, runs in layouts.items()}
         verdict = "met" if max(shares.values()) <= MAX_AGGREGATE_SHARE else "NOT met"
-        print("  aggregation's share of a round: " + ", ".join(f"{k} {v:.2%}" for k, v in shares.items())
-              + f" (target <= {MAX_AGGREGATE_SHARE:.0%}: {verdict})")
+        print(
+            "  aggregation's share of a round: "
+            + ", ".join(f"{k} {v:.2%}" for k, v in shares.items())
+            + f" (target <= {MAX_AGGREGATE_SHARE:.0%}: {verdict})"
+        )
 
 
 def parse_args() -> argparse.Namespace:
@@ -260,7 +290,7 @@ def main() -> None:
         names = list(LAYOUTS)
         for repeat in range(args.repeats):
             # Layouts alternate, and the order rotates per repeat, so that drifting machine load hits each alike.
-            for layout in names[repeat % len(names):] + names[: repeat % len(names)]:
+            for layout in names[repeat % len(names) :] + names[: repeat % len(names)]:
                 run = launch(layout, clients, args.rounds, args.timeout)
                 results[clients][layout].append(run)
                 print(f"{clients} clients, {layout}, repeat {repeat + 1}: {run.wall:.1f} s", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -48,8 +48,8 @@ class AmplitudeHarmonization(FederatedCallback):
 
     def __init__(
         self,
-        band: Optional[float] = None,
-        momentum: Optional[float] = None,
+        band: float | None = None,
+        momentum: float | None = None,
         share_target: TargetSharing = "first_round",
         preset: Preset = "reference",
     ) -> None:
@@ -65,13 +65,13 @@ class AmplitudeHarmonization(FederatedCallback):
             raise ValueError(f"momentum must be in [0, 1], got {self.momentum}.")
         self.share_target = share_target
         self.client_targets: dict[str, Tensor] = {}
-        self.shared_target: Optional[Tensor] = None
+        self.shared_target: Tensor | None = None
         self.frozen = False
         self._warned_untrained = False
 
     # -- which target a batch is harmonized to -----------------------------------------------------------
 
-    def target_for(self, client: str) -> Optional[Tensor]:
+    def target_for(self, client: str) -> Tensor | None:
         """The shared target once it exists, else the client's own running target (None before training)."""
         return self.shared_target if self.shared_target is not None else self.client_targets.get(client)
 
@@ -176,5 +176,5 @@ def _current_client(trainer: Trainer) -> str:
     return getattr(trainer, "current_client", None) or LOCAL_CLIENT
 
 
-def _to_host(tensor: Optional[Tensor]) -> Optional[Tensor]:
+def _to_host(tensor: Tensor | None) -> Tensor | None:
     return None if tensor is None else tensor.detach().to("cpu", copy=True)

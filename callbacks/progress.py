@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from lightning.pytorch import Callback, LightningModule
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
@@ -12,9 +12,9 @@ class RoundProgressBar(Callback):
     """Two bars on the main process: rounds completed, and the steps of the client now training."""
 
     def __init__(self) -> None:
-        self._progress: Optional[Progress] = None
-        self._rounds: Optional[TaskID] = None
-        self._client: Optional[TaskID] = None
+        self._progress: Progress | None = None
+        self._rounds: TaskID | None = None
+        self._client: TaskID | None = None
 
     def on_fit_start(self, trainer: Any, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -36,8 +36,9 @@ class RoundProgressBar(Callback):
             self._progress.remove_task(self._client)
         self._client = self._progress.add_task(f"  client {client}", total=num_batches)
 
-    def on_train_batch_end(self, trainer: Any, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self._progress is not None and self._client is not None:
             self._progress.advance(self._client)
 
@@ -46,8 +47,11 @@ class RoundProgressBar(Callback):
             return
         self._progress.advance(self._rounds)
         metric = trainer.lightning_module.primary_metric
-        values = [splits["val"][metric] for client, splits in results.items()
-                  if metric in splits.get("val", {}) and client not in trainer.held_out]
+        values = [
+            splits["val"][metric]
+            for client, splits in results.items()
+            if metric in splits.get("val", {}) and client not in trainer.held_out
+        ]
         mean = sum(values) / len(values) if values else float("nan")
         self._progress.console.print(
             f"round {round_idx + 1}/{trainer.rounds}: mean val {metric} {mean:.4f}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch import LightningModule
@@ -35,7 +35,7 @@ class Scaffold(FederatedCallback):
     deployable: ClassVar[bool] = False
 
     def __init__(self) -> None:
-        self.server_control: Optional[Controls] = None
+        self.server_control: Controls | None = None
         self.client_controls: dict[str, Controls] = {}
         self._round_deltas: dict[str, Controls] = {}
         self._start_weights: Controls = {}
@@ -111,9 +111,7 @@ def _shared_parameters(trainer: FederatedTrainer, pl_module: LightningModule) ->
     """The trainable parameters every client sends (not those ``trainer.local_modules`` keeps local)."""
     if not isinstance(trainer, FederatedTrainer):
         raise TypeError("callbacks.Scaffold needs the federated orchestrator (harmofl.FederatedTrainer).")
-    return {
-        name: p for name, p in pl_module.named_parameters() if p.requires_grad and name not in trainer.local_keys
-    }
+    return {name: p for name, p in pl_module.named_parameters() if p.requires_grad and name not in trainer.local_keys}
 
 
 def _client(pl_module: LightningModule) -> FederatedClient:

@@ -9,7 +9,8 @@ clients are added does not change the float32 result in practice.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Literal, Mapping, Optional, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +42,7 @@ def client_weights(sample_counts: Sequence[int], weighting: ClientWeighting) -> 
 
 
 def weighted_sum(
-    states: Sequence[StateDict], weights: Sequence[float], like: StateDict, device: Optional[torch.device] = None
+    states: Sequence[StateDict], weights: Sequence[float], like: StateDict, device: torch.device | None = None
 ) -> dict[str, Tensor]:
     """``Σ_k w_k·θ_k`` for every key of ``like``, in float64 on ``device`` (default: ``like``'s devices);
     zeros when no states."""
@@ -77,7 +78,7 @@ def mean_from_sum(summed: StateDict, total_weight: float, like: StateDict) -> di
 
 
 def weighted_average(
-    states: Sequence[StateDict], weights: Sequence[float], keys: Optional[Iterable[str]] = None
+    states: Sequence[StateDict], weights: Sequence[float], keys: Iterable[str] | None = None
 ) -> dict[str, Tensor]:
     """The weighted mean of client states over ``keys`` (default: every key of the first state)."""
     if not states:

@@ -15,8 +15,6 @@ half-width after ``fftshift``.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -42,7 +40,7 @@ def amplitude_spectrum(images: Tensor) -> Tensor:
     return torch.fft.fft2(_fft_dtype(images)).abs()
 
 
-def low_frequency_mask(height: int, width: int, band: float, device: Optional[torch.device] = None) -> Tensor:
+def low_frequency_mask(height: int, width: int, band: float, device: torch.device | None = None) -> Tensor:
     """Boolean ``[H, W]`` mask of the centred low-frequency window, in unshifted FFT layout."""
     check_band(band)
     rows = _integer_frequencies(height, device).abs() <= int(height * band)
@@ -89,7 +87,7 @@ def _harmonize_dc(images: Tensor, target_amplitude: Tensor) -> Tensor:
     return (values + (new_dc - total) / (images.shape[-2] * images.shape[-1])).to(images.dtype)
 
 
-def update_running_amplitude(running: Optional[Tensor], batch_amplitude: Tensor, momentum: float) -> Tensor:
+def update_running_amplitude(running: Tensor | None, batch_amplitude: Tensor, momentum: float) -> Tensor:
     """Exponential moving average of the mean amplitude: ``(1 - m)·running + m·mean_batch``.
 
     ``momentum`` is the weight of the new batch (PyTorch BatchNorm's convention). The first batch
@@ -110,5 +108,5 @@ def _fft_dtype(images: Tensor) -> Tensor:
     return images if images.dtype in (torch.float32, torch.float64) else images.float()
 
 
-def _integer_frequencies(n: int, device: Optional[torch.device]) -> Tensor:
+def _integer_frequencies(n: int, device: torch.device | None) -> Tensor:
     return torch.fft.fftfreq(n, d=1.0 / n, device=device).round().long()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
-from typing import Union
 
 from jsonargparse import ArgumentParser
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -47,7 +46,7 @@ class HarmoFLCLI(LightningCLI):
             self.save_config_callback = None
 
 
-def _trainer_seed(seed_everything: Union[bool, int]) -> int:
+def _trainer_seed(seed_everything: bool | int) -> int:
     return 0 if isinstance(seed_everything, bool) else int(seed_everything)
 
 
@@ -58,8 +57,9 @@ def build(args: list[str]) -> HarmoFLCLI:
         # The process's own command line (pytest's, flwr-clientapp's) is not this configuration's: nothing to warn.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         # A bad setting raises (ArgumentError names it) instead of exiting the process: a Flower app reports it.
-        return HarmoFLCLI(**_cli_kwargs(), args=args, run=False, save_config_callback=None,
-                          parser_kwargs={"exit_on_error": False})
+        return HarmoFLCLI(
+            **_cli_kwargs(), args=args, run=False, save_config_callback=None, parser_kwargs={"exit_on_error": False}
+        )
 
 
 def _cli_kwargs() -> dict:

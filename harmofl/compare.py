@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from harmofl import reporting
 
@@ -41,7 +41,7 @@ def run_comparison(
     config: str = "configs/demo.yaml",
     strategies: str = DEFAULT_STRATEGIES,
     seeds: str = "0,1,2",
-    output_dir: Optional[str] = None,
+    output_dir: str | None = None,
     overrides: str = "",
 ) -> Path:
     """Run every strategy × seed on ``config`` and write comparison.csv / .md / .png.
@@ -67,7 +67,8 @@ def run_comparison(
     extra = shlex.split(overrides)
     runs = {
         (name, seed): _run(Path(config), name, seed, output / name / f"seed_{seed}", extra)
-        for name in names for seed in seed_values
+        for name in names
+        for seed in seed_values
     }
     summaries = {key: json.loads((run / "summary.json").read_text()) for key, run in runs.items()}
     histories = {key: reporting.read_metrics_csv(run / "metrics.csv") for key, run in runs.items()}
@@ -83,9 +84,22 @@ def _run(config: Path, strategy: str, seed: int, run_dir: Path, extra: list[str]
     """One ``cli.py fit`` subprocess, unless the same command on the same config files already finished in
     ``run_dir``; an interrupted run of the same command and files continues from its ``last.ckpt``."""
     overlay = STRATEGY_DIR / f"{strategy}.yaml"
-    command = [sys.executable, str(REPO / "cli.py"), "fit", "--config", str(config), "--config", str(overlay),
-               "--seed_everything", str(seed), "--trainer.default_root_dir", str(run_dir),
-               "--trainer.enable_progress_bar", "false", *extra]
+    command = [
+        sys.executable,
+        str(REPO / "cli.py"),
+        "fit",
+        "--config",
+        str(config),
+        "--config",
+        str(overlay),
+        "--seed_everything",
+        str(seed),
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]
     # The files' contents are part of the key: an edited config must not reuse results made with the old one.
     key = {"command": command[1:], "config_sha256": _digest([config, overlay])}
     done, started = run_dir / DONE_FILE, run_dir / STARTED_FILE
@@ -132,15 +146,22 @@ def _write_csv(summaries: dict[tuple[str, int], dict[str, Any]], path: Path) -> 
                     writer.writerow([strategy, seed, client, name, value])
 
 
-def _markdown(summaries: dict[tuple[str, int], dict[str, Any]], names: list[str], metric: str, config: Path,
-              seeds: str, overrides: str) -> str:
+def _markdown(
+    summaries: dict[tuple[str, int], dict[str, Any]],
+    names: list[str],
+    metric: str,
+    config: Path,
+    seeds: str,
+    overrides: str,
+) -> str:
     """Per-client and mean test ``metric``: mean ± std over seeds, the best mean per column in bold."""
     clients = [*next(iter(summaries.values()))["clients"], reporting.MEAN]
 
     def values(strategy: str, client: str) -> list[float]:
         return [
             (s["mean"]["test"] if client == reporting.MEAN else s["clients"][client]["test"])[metric]
-            for (name, _), s in summaries.items() if name == strategy
+            for (name, _), s in summaries.items()
+            if name == strategy
         ]
 
     means = {(name, client): statistics.fmean(values(name, client)) for name in names for client in clients}
@@ -149,7 +170,8 @@ def _markdown(summaries: dict[tuple[str, int], dict[str, Any]], names: list[str]
         f"Test {metric} at each run's best round (mean ± std over seeds {seeds}); best per column in bold.",
         "",
         f"Command: `python cli.py compare --config {config} --strategies {','.join(names)} --seeds {seeds}"
-        + (f" --overrides '{overrides}'" if overrides else "") + "`",
+        + (f" --overrides '{overrides}'" if overrides else "")
+        + "`",
         "",
         "| strategy | " + " | ".join(clients) + " |",
         "|---" * (len(clients) + 1) + "|",

@@ -11,7 +11,8 @@ local representations are pulled towards the global model's and pushed away from
 
 from __future__ import annotations
 
-from typing import Literal, Sequence, Union
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,7 @@ def forward_with_representation(network: nn.Module, images: Tensor, layer: str, 
     return outputs, flatten_representation(captured[0])
 
 
-def flatten_representation(features: Union[Tensor, Sequence[Tensor]]) -> Tensor:
+def flatten_representation(features: Tensor | Sequence[Tensor]) -> Tensor:
     """``[B, D]`` from vectors ``[B, D]``, a feature map ``[B, C, H, W]`` (spatial mean) or a pyramid of maps
     (its last, deepest map)."""
     if not isinstance(features, Tensor):

@@ -14,13 +14,14 @@ This is non-adaptive SAM with ``ρ = α``. With ``α = 0`` the wrapper is the ba
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Union, cast
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-ParamsT = Union[Iterable[Tensor], Iterable[dict[str, Any]]]
+ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 NORM_EPS = 1e-12
 
 
@@ -40,7 +41,7 @@ class WeightPerturbation(Optimizer):
         params: ParamsT,
         base_optimizer: Callable[[ParamsT], Optimizer],
         alpha: float = 0.05,
-        max_grad_norm: Optional[float] = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         if alpha < 0:
             raise ValueError(f"The perturbation radius alpha must be >= 0, got {alpha}.")
@@ -95,7 +96,7 @@ class WeightPerturbation(Optimizer):
                 p.copy_(saved)
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Restore the unperturbed weights, clip, then step the base optimizer with the current gradients."""
         if closure is not None:
             # Lightning's manual optimization passes a closure that does nothing; a real one re-evaluates the

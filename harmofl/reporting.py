@@ -9,8 +9,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Collection, Iterable, Mapping, Optional, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -70,21 +71,32 @@ def read_metrics_csv(path: Path) -> list[dict[str, Any]]:
     """Rows of a ``metrics.csv`` with numbers parsed (empty cells dropped)."""
     with path.open(newline="") as handle:
         return [
-            {key: (value if key in ("client", "split") else (int(value) if key == "round" else float(value)))
-             for key, value in row.items() if value != ""}
+            {
+                key: (value if key in ("client", "split") else (int(value) if key == "round" else float(value)))
+                for key, value in row.items()
+                if value != ""
+            }
             for row in csv.DictReader(handle)
         ]
 
 
-def summary(rounds: int, best_round: Optional[int], results: Results, held_out: Collection[str] = ()) -> dict[str, Any]:
+def summary(rounds: int, best_round: int | None, results: Results, held_out: Collection[str] = ()) -> dict[str, Any]:
     """The ``summary.json`` structure for ``results`` (the per-client metrics of the kept model); clients held
     out of training are reported under ``held_out``, outside the mean."""
-    def section(included: bool) -> dict[str, Any]:
-        return {client: {split: dict(m) for split, m in splits.items()}
-                for client, splits in results.items() if (client not in held_out) == included}
 
-    result = {"rounds": rounds, "best_round": best_round, "clients": section(True),
-              "mean": mean_over_clients(results, held_out)}
+    def section(included: bool) -> dict[str, Any]:
+        return {
+            client: {split: dict(m) for split, m in splits.items()}
+            for client, splits in results.items()
+            if (client not in held_out) == included
+        }
+
+    result = {
+        "rounds": rounds,
+        "best_round": best_round,
+        "clients": section(True),
+        "mean": mean_over_clients(results, held_out),
+    }
     if any(client in held_out for client in results):
         result["held_out"] = section(False)
     return result
@@ -115,7 +127,7 @@ def plot_convergence(rows: Sequence[Mapping[str, Any]], metric: str, path: Path,
 
 
 def plot_lines(
-    series: Mapping[str, Sequence[tuple[int, float]]], ylabel: str, path: Path, emphasized: Optional[str] = None
+    series: Mapping[str, Sequence[tuple[int, float]]], ylabel: str, path: Path, emphasized: str | None = None
 ) -> None:
     """One line per name over rounds; the ``emphasized`` one thick, black, with markers, drawn last."""
     import matplotlib
@@ -141,12 +153,13 @@ def plot_lines(
 
 
 def print_results_table(
-    title: str, results: Results, held_out: Collection[str] = (), console: Optional[Console] = None
+    title: str, results: Results, held_out: Collection[str] = (), console: Console | None = None
 ) -> None:
     """A per-client table with the mean (of the clients not held out, marked ``(held out)``) as its last row."""
     splits = sorted({split for s in results.values() for split in s}, key=["train", "val", "test"].index)
-    columns = [(split, name) for split in splits
-               for name in sorted({n for s in results.values() for n in s.get(split, {})})]
+    columns = [
+        (split, name) for split in splits for name in sorted({n for s in results.values() for n in s.get(split, {})})
+    ]
     table = Table(title=title)
     table.add_column("client")
     for split, name in columns:

@@ -15,7 +15,7 @@ the control variate still estimates the client's gradient. ``ρ = 0`` gives the 
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from torch import Tensor
 

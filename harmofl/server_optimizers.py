@@ -15,8 +15,9 @@ Moments start at ``m = 0`` and ``v = τ²`` (the paper's ``v₋₁ ≥ τ²``). 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -129,12 +130,16 @@ class _MomentServerOptimizer(ServerOptimizer):
 
     def state_dict(self) -> dict[str, Any]:
         # Copies: a checkpoint must not change as the server keeps stepping.
-        return {"moments": {name: {k: v.detach().to("cpu", copy=True) for k, v in m.items()}
-                            for name, m in self.moments.items()}}
+        return {
+            "moments": {
+                name: {k: v.detach().to("cpu", copy=True) for k, v in m.items()} for name, m in self.moments.items()
+            }
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.moments = {name: {k: v.clone() for k, v in moments.items()}
-                        for name, moments in state.get("moments", {}).items()}
+        self.moments = {
+            name: {k: v.clone() for k, v in moments.items()} for name, moments in state.get("moments", {}).items()
+        }
 
     def _moment(self, name: str, key: str, like: Tensor, initial: float = 0.0) -> Tensor:
         moments = self.moments.setdefault(name, {})

@@ -2,12 +2,7 @@
 
 Each round the executor trains the participants from the global weights, the aggregator reduces their updates,
 the server optimizer turns the center into the next global model; every client evaluates it, and the round is
-recorded and checkpointed. ``docs/architecture.md`` maps the parts (:mod:`harmofl.federation`). Hooks fired on
-callbacks (keyword arguments; :class:`~harmofl.federation.callback.FederatedCallback` lists the federated ones):
-``setup``, ``on_fit_start``, ``on_round_start``, ``on_train_client_start``, ``on_train_batch_start/end``,
-``on_train_client_end``, ``on_aggregate`` (after aggregation, before evaluation), ``on_validation_batch_start``,
-``on_test_batch_start``, ``on_save_checkpoint`` (before the round's checkpoint is written), ``on_round_end``,
-``on_fit_end``, ``teardown``. ``round_idx`` is 0-based; files count rounds from 1.
+recorded and checkpointed. ``docs/architecture.md`` maps the parts (:mod:`harmofl.federation`) and the hooks.
 """
 
 from __future__ import annotations
@@ -27,17 +22,18 @@ from harmofl.checkpoint import copy_checkpoint, save_checkpoint
 from harmofl.clients.base import FederatedClient
 from harmofl.data.base import FederatedDataModule, Split
 from harmofl.federation.checkpointing import build_checkpoint, resolve_checkpoint, restore_checkpoint
-from harmofl.federation.collectives import all_gather_objects
+from harmofl.federation.collectives import all_gather_objects, weighted_client_mean
 from harmofl.federation.executor import Executor, InProcessExecutor, Results
 from harmofl.federation.facade import TrainerFacade
 from harmofl.federation.failures import ClientFailure, FailureAction, FailurePolicy
 from harmofl.federation.run_record import RunRecord
-from harmofl.federation.settings import check_settings, make_fabric
 from harmofl.federation.runner import LocalRunner
+from harmofl.federation.settings import check_run_settings, check_strategy, make_fabric
 from harmofl.federation.store import ClientStore, to_host
 from harmofl.federation.topology import Federation
 from harmofl.server_optimizers import Contribution, FedAvg, ServerOptimizer
 from harmofl.validation import NormPolicy, UpdateGuard
+
 
 class FederatedTrainer(TrainerFacade):
     """Federated training and evaluation, driven by Lightning Fabric.
@@ -54,7 +50,8 @@ class FederatedTrainer(TrainerFacade):
         held_out_clients: clients that never train nor send anything (leave-site-out): every round they
             evaluate the global model with the shared amplitude target, reported apart from the mean.
         server_optimizer: how the server turns the clients' center into the next global model
-            (:mod:`harmofl.server_optimizers`: ``FedAvg`` by default, ``FedAvgM``, ``FedAdam``, ``FedYogi``, ``FedNova``).
+            (:mod:`harmofl.server_optimizers`: ``FedAvg`` by default, ``FedAvgM``, ``FedAdam``, ``FedYogi``,
+            ``FedNova``).
         aggregator: how the server reduces the updates to a center (:mod:`harmofl.aggregators`): ``Mean``
             (weighted, by default), or for untrusted sites ``Median`` / ``TrimmedMean`` (coordinate-wise, unweighted).
         local_modules: module types whose weights each client keeps local and never sends (FedBN-style):
@@ -111,8 +108,8 @@ class FederatedTrainer(TrainerFacade):
         seed: int = 0,
     ) -> None:
         aggregator, server_optimizer = aggregator or Mean(), server_optimizer or FedAvg()
-        check_settings(rounds, local_epochs, local_steps, devices, precision, client_weighting, clients_per_round,
-                       pool_clients, local_modules, aggregator, server_optimizer)
+        check_run_settings(rounds, local_epochs, local_steps, devices, precision)
+        check_strategy(client_weighting, clients_per_round, pool_clients, local_modules, aggregator, server_optimizer)
         self.failure_policy = FailurePolicy(client_failure, client_retries, min_clients)
         self.guard = UpdateGuard(max_update_distance, update_distance_policy)
         self.rounds, self.local_epochs, self.local_steps = rounds, local_epochs, local_steps
@@ -250,9 +247,14 @@ class FederatedTrainer(TrainerFacade):
         self.executor = executor
         train_samples = executor.connect(self, datamodule, stage)
         self.federation = Federation.build(
-            train_samples, held_out=self.held_out, pool_clients=self.pool_clients,
-            clients_per_round=self.clients_per_round, client_weighting=self.client_weighting, seed=self.seed,
-            world_size=self.world_size, min_clients=self.failure_policy.min_clients,
+            train_samples,
+            held_out=self.held_out,
+            pool_clients=self.pool_clients,
+            clients_per_round=self.clients_per_round,
+            client_weighting=self.client_weighting,
+            seed=self.seed,
+            world_size=self.world_size,
+            min_clients=self.failure_policy.min_clients,
         )
         self.record = RunRecord(self.root_dir, self.rounds, self.held_out, model.primary_metric)
         self.setup_model(model, stage)
@@ -281,10 +283,7 @@ class FederatedTrainer(TrainerFacade):
     def local_runner(self, pooled_clients: list[str]) -> LocalRunner:
         """The runner of this process's clients on its model (after :meth:`setup_data` and :meth:`setup_model`);
         ``pooled_clients``: whose data the pooled client trains on."""
-        self.runner = LocalRunner(
-            self, self.fabric, self.module, self.fabric_module, self.optimizer, self.datamodule, self.store,
-            self.guard, self.local_epochs, self.local_steps, pooled_clients,
-        )
+        self.runner = LocalRunner(self, self.datamodule, pooled_clients)
         return self.runner
 
     # -- what callbacks and executors read (besides the facade's properties) ------------------------------
@@ -294,17 +293,9 @@ class FederatedTrainer(TrainerFacade):
         return {key: value for key, value in self.global_state.items() if key not in self.local_keys}
 
     def aggregate_client_values(self, values: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor] | None:
-        """Weighted mean, over every client of every process, of small per-client tensors (amplitude targets).
-
-        ``values`` holds this process's clients; clients without a value are left out and the weights
-        renormalized. Returns None when no client has a value.
-        """
-        gathered = self._merged({c: {k: v.cpu() for k, v in d.items()} for c, d in values.items()})
-        clients = [c for c in self.federation.client_names if c in gathered]
-        if not clients:
-            return None
-        weights = [self.federation.client_weight[c] for c in clients]
-        return aggregation.weighted_average([gathered[c] for c in clients], weights)
+        """Weighted mean, over every client of every process, of small per-client tensors (amplitude targets):
+        ``values`` holds this process's clients (:func:`~harmofl.federation.collectives.weighted_client_mean`)."""
+        return weighted_client_mean(self.fabric, values, self.federation.client_names, self.federation.client_weight)
 
     def load_callback_states(self, states: Mapping[str, Any]) -> None:
         """Restore the callbacks' global state from ``states`` (callbacks absent from it are left as they are)."""

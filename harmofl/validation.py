@@ -47,7 +47,8 @@ def update_distance(update: StateDict, global_state: StateDict) -> float:
     """``‖θ_k − θ‖₂`` over every floating-point entry, in float64."""
     squares = [
         torch.sum((update[key].double() - reference.double().to(update[key].device)) ** 2)
-        for key, reference in global_state.items() if reference.is_floating_point()
+        for key, reference in global_state.items()
+        if reference.is_floating_point()
     ]
     return math.sqrt(float(sum(squares))) if squares else 0.0
 

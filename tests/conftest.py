@@ -12,7 +12,7 @@ os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
 # Generated demo data is cached per session here, never in the user's ~/.cache.
 os.environ["XDG_CACHE_HOME"] = __import__("tempfile").mkdtemp(prefix="harmofl-test-cache-")
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture

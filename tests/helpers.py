@@ -33,16 +33,25 @@ def tiny_classifier(**kwargs) -> ClassificationClient:
 
 def tiny_segmenter(**kwargs) -> SegmentationClient:
     torch.manual_seed(0)
-    settings = dict(backbone="harmofl_unet", backbone_kwargs={"base_features": 4},
-                    optimizer=functools.partial(torch.optim.Adam, lr=1e-3))
+    settings = dict(
+        backbone="harmofl_unet",
+        backbone_kwargs={"base_features": 4},
+        optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
+    )
     return SegmentationClient(**{**settings, **kwargs})
 
 
 def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     environment = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", **(env or {})}
     environment = {k: v for k, v in environment.items() if v is not None}
-    process = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=cwd, env=environment,
-                             capture_output=True, text=True, timeout=600)
+    process = subprocess.run(
+        [sys.executable, str(REPO / "cli.py"), *args],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if check:
         assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-5000:]
     return process

@@ -73,8 +73,10 @@ def test_local_keys_are_selected_by_module_type_on_a_timm_model():
     model = timm.create_model("test_resnet", pretrained=False, num_classes=2)
     keys = local_state_keys(model, resolve_module_types(["norm"]))
     norm_keys = {
-        f"{name}.{key}" for name, module in model.named_modules()
-        if isinstance(module, nn.modules.batchnorm._NormBase) for key in module.state_dict()
+        f"{name}.{key}"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._NormBase)
+        for key in module.state_dict()
     }
     assert keys == norm_keys and keys
     assert any(key.endswith("num_batches_tracked") for key in keys)

@@ -14,9 +14,10 @@ from callbacks import Scaffold
 from harmofl import scaffold
 from harmofl.checkpoint import load_checkpoint
 from harmofl.contrastive import flatten_representation, model_contrastive_loss
-from harmofl.reporting import read_metrics_csv
 from harmofl.federation.topology import POOLED_CLIENT
+from harmofl.reporting import read_metrics_csv
 from harmofl.trainer import FederatedTrainer
+
 from helpers import tiny_classifier, tiny_histology, tiny_segmenter
 
 LR = 0.1
@@ -117,8 +118,13 @@ def test_scaffold_controls_through_the_orchestrator(trainer_kwargs):
     for round_idx in range(2):
         updated = {
             client: scaffold.updated_client_control(
-                controls[client], server, recorder.round_start[round_idx], recorder.trained[(round_idx, client)],
-                num_steps=2, lr=0.05, momentum=0.9,
+                controls[client],
+                server,
+                recorder.round_start[round_idx],
+                recorder.trained[(round_idx, client)],
+                num_steps=2,
+                lr=0.05,
+                momentum=0.9,
             )
             for client in clients
         }
@@ -130,8 +136,9 @@ def test_scaffold_controls_through_the_orchestrator(trainer_kwargs):
         client_mean = (controls["site_0"][name] + controls["site_1"][name]) / 2
         torch.testing.assert_close(callback.server_control[name], client_mean, atol=1e-5, rtol=1e-5)
         for client in clients:
-            torch.testing.assert_close(callback.client_controls[client][name], controls[client][name],
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                callback.client_controls[client][name], controls[client][name], atol=1e-5, rtol=1e-5
+            )
     checkpoint = load_checkpoint(trainer.checkpoint_dir / "last.ckpt")
     saved = checkpoint["callbacks"][callback.state_key]["server_control"]
     assert all(torch.equal(saved[name], callback.server_control[name]) for name in names)
@@ -143,6 +150,7 @@ def test_scaffold_controls_through_the_orchestrator(trainer_kwargs):
     FederatedTrainer(rounds=2, local_steps=2, callbacks=[plain], **trainer_kwargs).fit(
         tiny_classifier(alpha=0.0, optimizer=optimizer), tiny_histology()
     )
+
     def fc_weight(states, round_idx):
         return states[(round_idx, "site_0")]["model.fc.weight"]
 
@@ -246,8 +254,9 @@ def test_moon_reads_the_segmentation_encoders_deepest_features():
 def test_pooled_training_trains_one_model_on_every_clients_data(trainer_kwargs):
     recorder = Recorder()
     data = tiny_histology(num_sites=3)
-    trainer = FederatedTrainer(rounds=2, held_out_clients=["site_2"], pool_clients=True, callbacks=[recorder],
-                               **trainer_kwargs)
+    trainer = FederatedTrainer(
+        rounds=2, held_out_clients=["site_2"], pool_clients=True, callbacks=[recorder], **trainer_kwargs
+    )
     summary = trainer.fit(tiny_classifier(alpha=0.0), data)
     assert set(recorder.trained) == {(0, POOLED_CLIENT), (1, POOLED_CLIENT)}
     # A round is one pass over the training clients' union (16 samples each), never over the held-out site.
@@ -257,7 +266,10 @@ def test_pooled_training_trains_one_model_on_every_clients_data(trainer_kwargs):
     assert set(summary["clients"]) == {"site_0", "site_1"} and set(summary["held_out"]) == {"site_2"}
     rows = read_metrics_csv(trainer.checkpoint_dir.parent / "metrics.csv")
     assert {(r["client"], r["split"]) for r in rows if r["round"] == 2} >= {
-        (POOLED_CLIENT, "train"), ("site_0", "test"), ("site_2", "test"), ("mean", "test")
+        (POOLED_CLIENT, "train"),
+        ("site_0", "test"),
+        ("site_2", "test"),
+        ("mean", "test"),
     }
     checkpoint = load_checkpoint(trainer.checkpoint_dir / "last.ckpt")
     assert checkpoint["clients"][POOLED_CLIENT]["optimizer_state"]["state"]  # its momentum continues on resume

@@ -9,12 +9,22 @@ import torch
 from harmofl.checkpoint import load_checkpoint
 from harmofl.cli import main as cli_main
 from harmofl.reporting import read_metrics_csv
+
 from helpers import REPO, run_cli
 
 TINY = [
-    "--data.init_args.train_per_site", "16", "--data.init_args.val_per_site", "8",
-    "--data.init_args.test_per_site", "8", "--data.init_args.image_size", "32",
-    "--data.init_args.batch_size", "8", "--trainer.enable_progress_bar", "false",
+    "--data.init_args.train_per_site",
+    "16",
+    "--data.init_args.val_per_site",
+    "8",
+    "--data.init_args.test_per_site",
+    "8",
+    "--data.init_args.image_size",
+    "32",
+    "--data.init_args.batch_size",
+    "8",
+    "--trainer.enable_progress_bar",
+    "false",
 ]
 
 
@@ -22,8 +32,14 @@ def test_fit_writes_outputs_under_runs_config_name_and_test_reproduces_the_best_
     config = str(REPO / "configs" / "demo.yaml")
     fit = run_cli("fit", "--config", config, "--trainer.rounds", "2", *TINY, cwd=tmp_path)
     run = tmp_path / "runs" / "demo"
-    for name in ("config.yaml", "metrics.csv", "summary.json", "convergence.png", "checkpoints/last.ckpt",
-                 "checkpoints/best.ckpt"):
+    for name in (
+        "config.yaml",
+        "metrics.csv",
+        "summary.json",
+        "convergence.png",
+        "checkpoints/last.ckpt",
+        "checkpoints/best.ckpt",
+    ):
         assert (run / name).is_file(), name
     assert "site_0" in fit.stdout and "mean" in fit.stdout
     summary = json.loads((run / "summary.json").read_text())
@@ -44,8 +60,19 @@ def test_two_processes_aggregate_the_same_weights_as_one(tmp_path):
     states = {}
     for devices in (1, 2):
         root = tmp_path / f"devices{devices}"
-        run_cli("fit", "--config", "configs/demo.yaml", "--trainer.rounds", "2", "--trainer.devices", str(devices),
-                "--trainer.default_root_dir", str(root), *TINY, env={"OMP_NUM_THREADS": "1"})
+        run_cli(
+            "fit",
+            "--config",
+            "configs/demo.yaml",
+            "--trainer.rounds",
+            "2",
+            "--trainer.devices",
+            str(devices),
+            "--trainer.default_root_dir",
+            str(root),
+            *TINY,
+            env={"OMP_NUM_THREADS": "1"},
+        )
         states[devices] = load_checkpoint(root / "checkpoints" / "last.ckpt")
     one, two = states[1], states[2]
     assert one["global_state"].keys() == two["global_state"].keys()
@@ -59,8 +86,16 @@ def test_two_processes_aggregate_the_same_weights_as_one(tmp_path):
 
 
 def test_segmentation_demo_runs_through_the_cli(tmp_path):
-    run_cli("fit", "--config", "configs/demo_seg.yaml", "--trainer.rounds", "1",
-            "--trainer.default_root_dir", str(tmp_path), *TINY)
+    run_cli(
+        "fit",
+        "--config",
+        "configs/demo_seg.yaml",
+        "--trainer.rounds",
+        "1",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        *TINY,
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["mean"]["test"]) == {"dice"}
 
@@ -79,8 +114,20 @@ def test_segmentation_demo_runs_through_the_cli(tmp_path):
 )
 def test_bad_configuration_fails_before_training_with_the_key_named(tmp_path, override, named, monkeypatch, capsys):
     # In this process (the command line's own code, without a process start per case).
-    monkeypatch.setattr(sys, "argv", ["cli.py", "fit", "--config", str(REPO / "configs/demo.yaml"),
-                                      "--trainer.default_root_dir", str(tmp_path), *TINY, *override])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "cli.py",
+            "fit",
+            "--config",
+            str(REPO / "configs/demo.yaml"),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            *TINY,
+            *override,
+        ],
+    )
     with pytest.raises((SystemExit, ValueError)) as failure:
         cli_main()
     assert failure.type is ValueError or failure.value.code != 0
@@ -90,10 +137,21 @@ def test_bad_configuration_fails_before_training_with_the_key_named(tmp_path, ov
 
 def test_wandb_logs_offline_without_a_key(tmp_path):
     process = run_cli(
-        "fit", "--config", "configs/demo.yaml", "--trainer.rounds", "1", "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.logger", "lightning.pytorch.loggers.WandbLogger",
-        "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.logger.init_args.project", "harmofl-test",
-        *TINY, env={"WANDB_MODE": None, "WANDB_API_KEY": None, "WANDB_DIR": None},
+        "fit",
+        "--config",
+        "configs/demo.yaml",
+        "--trainer.rounds",
+        "1",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.logger",
+        "lightning.pytorch.loggers.WandbLogger",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        "--trainer.logger.init_args.project",
+        "harmofl-test",
+        *TINY,
+        env={"WANDB_MODE": None, "WANDB_API_KEY": None, "WANDB_DIR": None},
     )
     assert "W&B logs offline" in process.stdout + process.stderr
     runs = list((tmp_path / "wandb").glob("offline-run-*"))

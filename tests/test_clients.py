@@ -12,6 +12,7 @@ from callbacks import AmplitudeHarmonization
 from harmofl.clients import ClassificationClient, SegmentationClient
 from harmofl.losses import ce_dice_loss, soft_dice_loss
 from harmofl.perturbation import WeightPerturbation
+
 from helpers import SGD, tiny_classifier, tiny_segmenter
 
 
@@ -132,8 +133,15 @@ def test_client_and_callback_also_train_under_a_plain_lightning_trainer():
     loader = DataLoader(TensorDataset(images, labels), batch_size=4)
     client = tiny_classifier(optimizer=functools.partial(torch.optim.Adam, lr=1e-3))
     harmonization = AmplitudeHarmonization()
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[harmonization])
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[harmonization],
+    )
     before = [p.detach().clone() for p in client.parameters()]
     trainer.fit(client, train_dataloaders=loader)
     assert "local" in harmonization.client_targets
@@ -171,8 +179,11 @@ def test_fedprox_outside_the_orchestrator_is_a_clear_error():
 
 @pytest.mark.parametrize(
     "options",
-    [{"channels_last": True}, {"compile_model": True, "compile_kwargs": {"backend": "eager"}},
-     {"channels_last": True, "contrastive_mu": 1.0, "compile_model": True, "compile_kwargs": {"backend": "eager"}}],
+    [
+        {"channels_last": True},
+        {"compile_model": True, "compile_kwargs": {"backend": "eager"}},
+        {"channels_last": True, "contrastive_mu": 1.0, "compile_model": True, "compile_kwargs": {"backend": "eager"}},
+    ],
 )
 def test_gpu_speed_options_give_the_same_step_and_keep_parameter_names(options):
     """channels-last and torch.compile (traced with dynamo; the eager backend keeps the test fast on CPU)."""
@@ -181,7 +192,7 @@ def test_gpu_speed_options_give_the_same_step_and_keep_parameter_names(options):
     client = tiny_classifier(**options)
     for module in (reference, client):
         module.on_train_client_start()
-        loss, _ = _fabric_step(module, "32-true", batch)
+        _fabric_step(module, "32-true", batch)
     assert list(client.state_dict()) == list(reference.state_dict())
     for p_ours, p_ref in zip(client.parameters(), reference.parameters()):
         torch.testing.assert_close(p_ours, p_ref, atol=1e-6, rtol=0)

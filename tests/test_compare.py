@@ -6,10 +6,13 @@ import subprocess
 import pytest
 
 from harmofl import compare
+
 from helpers import REPO, run_cli
 
-TINY = ("--trainer.rounds 1 --data.num_sites 2 --data.train_per_site 16 --data.val_per_site 8 "
-        "--data.test_per_site 8 --data.image_size 32 --data.batch_size 8")
+TINY = (
+    "--trainer.rounds 1 --data.num_sites 2 --data.train_per_site 16 --data.val_per_site 8 "
+    "--data.test_per_site 8 --data.image_size 32 --data.batch_size 8"
+)
 
 
 @pytest.fixture
@@ -58,7 +61,18 @@ def test_unknown_strategy_is_rejected_with_the_available_ones(tmp_path):
 
 
 def test_compare_through_the_cli_uses_the_given_config(tmp_path):
-    run_cli("compare", "--config", "configs/demo_seg.yaml", "--strategies", "local", "--seeds", "3",
-            "--output_dir", str(tmp_path), "--overrides", TINY)
+    run_cli(
+        "compare",
+        "--config",
+        "configs/demo_seg.yaml",
+        "--strategies",
+        "local",
+        "--seeds",
+        "3",
+        "--output_dir",
+        str(tmp_path),
+        "--overrides",
+        TINY,
+    )
     table = (tmp_path / "comparison.md").read_text()
     assert "| local |" in table and "Test dice" in table and "--config configs/demo_seg.yaml" in table

@@ -33,8 +33,9 @@ PINNED_TORCH, PINNED_KERNELS = "2.14", ("AVX2", "AVX512")
 def skip_unless_pinned_platform(what: str) -> None:
     version, kernels = ".".join(torch.__version__.split(".")[:2]), torch.backends.cpu.get_cpu_capability()
     if version != PINNED_TORCH or kernels not in PINNED_KERNELS:
-        pytest.skip(f"{what} are pinned for torch {PINNED_TORCH} with {PINNED_KERNELS} kernels, not {version} "
-                    f"with {kernels}")
+        pytest.skip(
+            f"{what} are pinned for torch {PINNED_TORCH} with {PINNED_KERNELS} kernels, not {version} with {kernels}"
+        )
 
 
 def digest(value: object) -> str:
@@ -65,8 +66,10 @@ def digest(value: object) -> str:
 
 def per_split(module: FederatedDataModule, identify) -> dict[str, list]:
     """``identify(dataset)`` of every client's every split, keyed by the clients' position and name."""
-    return {f"{index}:{client}": [identify(module.dataset(client, split)) for split in SPLITS]
-            for index, client in enumerate(module.client_names)}
+    return {
+        f"{index}:{client}": [identify(module.dataset(client, split)) for split in SPLITS]
+        for index, client in enumerate(module.client_names)
+    }
 
 
 def built(cls: type, *args, **kwargs) -> FederatedDataModule:
@@ -91,8 +94,16 @@ def camelyon(tmp_path_factory) -> Path:
     for center, patients in ((0, 7), (1, 6), (3, 9)):
         for patient in range(patients):
             for k in range(int(rng.integers(2, 6))):
-                row = [10 * center + patient, patient % 5, 96 * k, 7 * patient + center, int(rng.integers(0, 2)),
-                       center * 100 + patient, center, int(rng.random() < 0.25)]
+                row = [
+                    10 * center + patient,
+                    patient % 5,
+                    96 * k,
+                    7 * patient + center,
+                    int(rng.integers(0, 2)),
+                    center * 100 + patient,
+                    center,
+                    int(rng.random() < 0.25),
+                ]
                 lines.append(",".join([str(len(lines) - 1), f"{row[0]:03d}", *map(str, row[1:])]))
                 path = root / CAMELYON_PATCH.format(*row[:4])
                 path.parent.mkdir(exist_ok=True)
@@ -124,8 +135,13 @@ CAMELYON = {  # case: (settings, digest of every client's files and labels per s
         "4760699ec43715491f785d007fde9b318a9b1515ab43d7e3ccad6765046e6aa1",
     ),
     "patient-fractions-centers": (
-        {"split_mode": "patient", "patient_fractions": (0.5, 0.25, 0.25), "centers": [3, 0], "seed": 2,
-         "truncate_to_smallest": False},
+        {
+            "split_mode": "patient",
+            "patient_fractions": (0.5, 0.25, 0.25),
+            "centers": [3, 0],
+            "seed": 2,
+            "truncate_to_smallest": False,
+        },
         "8b35d0a518923e63133d7bae9db6f79aa37f1853272a41dde6d6e35b0e5c98e0",
     ),
 }
@@ -198,7 +214,8 @@ def segmentation(tmp_path_factory) -> Path:
         for index in range(count):
             height, width = int(rng.integers(20, 50)), int(rng.integers(20, 50))
             Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(
-                root / site / "images" / f"{site[0]}{index}{suffix}")
+                root / site / "images" / f"{site[0]}{index}{suffix}"
+            )
             if (site, index) != ("gamma", 3):
                 labels = (rng.random((height, width)) < 0.3) * rng.integers(1, 400, (height, width))
                 mask = labels.astype(np.uint16) if suffix == ".tif" else (labels > 0).astype(np.uint8) * 255
@@ -329,18 +346,32 @@ def test_prostate_cache_keys_and_entries_are_pinned(prostate, tmp_path):
     names = sorted(path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*.pt"))
     expected = []
     for case in range(4):
-        stat = [[file.name, file.stat().st_size, file.stat().st_mtime_ns]
-                for file in (prostate / "SiteB" / f"Case{case:02d}.nii.gz",
-                             prostate / "SiteB" / f"Case{case:02d}_segmentation.nii.gz")]
-        settings = {"format": 1, "site": "SiteB", "volume": stat[0], "mask": stat[1], "clip_percentile": 98.5,
-                    "intensity_scale": 1.0, "image_size": 8}
+        stat = [
+            [file.name, file.stat().st_size, file.stat().st_mtime_ns]
+            for file in (
+                prostate / "SiteB" / f"Case{case:02d}.nii.gz",
+                prostate / "SiteB" / f"Case{case:02d}_segmentation.nii.gz",
+            )
+        ]
+        settings = {
+            "format": 1,
+            "site": "SiteB",
+            "volume": stat[0],
+            "mask": stat[1],
+            "clip_percentile": 98.5,
+            "intensity_scale": 1.0,
+            "image_size": 8,
+        }
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         expected.append(f"SiteB/Case{case:02d}-{key}.pt")
     assert names == expected
     entry = torch.load(tmp_path / expected[0], weights_only=True)
     assert sorted(entry) == ["image", "mask", "prostate"]
-    assert (entry["image"].dtype, entry["mask"].dtype, entry["prostate"].dtype) == (torch.float16, torch.uint8,
-                                                                                     torch.uint8)
+    assert (entry["image"].dtype, entry["mask"].dtype, entry["prostate"].dtype) == (
+        torch.float16,
+        torch.uint8,
+        torch.uint8,
+    )
     assert entry["image"].shape == (6, 8, 8) and entry["mask"].shape == (6, 8, 8)
 
 
@@ -396,4 +427,3 @@ def test_demo_cache_names_and_entries_are_pinned(case, tmp_path):
     entry = torch.load(tmp_path / names[0], weights_only=True)
     assert sorted(entry) == ["images", "targets"]
     assert entry["images"].dtype == torch.float32 and entry["targets"].dtype == torch.long
-

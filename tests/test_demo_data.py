@@ -116,8 +116,15 @@ def test_render_rejects_mismatched_concentrations() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("resolution", 0.0), ("resolution", 1.5), ("blur_sigma", -1.0), ("gamma", 0.0), ("noise_std", -0.1),
-     ("background", (0.1, -0.2, 0.0)), ("eosin", (0.1, 0.2))],
+    [
+        ("resolution", 0.0),
+        ("resolution", 1.5),
+        ("blur_sigma", -1.0),
+        ("gamma", 0.0),
+        ("noise_std", -0.1),
+        ("background", (0.1, -0.2, 0.0)),
+        ("eosin", (0.1, 0.2)),
+    ],
 )
 def test_site_imaging_rejects_bad_values(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=rf"{field}.*{value}".replace("(", r"\(").replace(")", r"\)")):
@@ -264,8 +271,15 @@ def test_dataset_before_setup_and_unknown_client() -> None:
 
 @pytest.mark.parametrize(
     ("argument", "value"),
-    [("num_sites", 0), ("train_per_site", 0), ("val_per_site", -1), ("test_per_site", -3), ("image_size", 8),
-     ("batch_size", 0), ("num_workers", -1)],
+    [
+        ("num_sites", 0),
+        ("train_per_site", 0),
+        ("val_per_site", -1),
+        ("test_per_site", -3),
+        ("image_size", 8),
+        ("batch_size", 0),
+        ("num_workers", -1),
+    ],
 )
 @pytest.mark.parametrize("cls", [DemoHistology, DemoNuclei])
 def test_bad_arguments_raise(cls: type, argument: str, value: int) -> None:

@@ -13,6 +13,7 @@ from harmofl.aggregation import coordinate_median, trimmed_mean, weighted_averag
 from harmofl.aggregators import Median, TrimmedMean
 from harmofl.checkpoint import load_checkpoint
 from harmofl.trainer import FederatedTrainer
+
 from helpers import tiny_classifier, tiny_histology
 
 
@@ -20,8 +21,9 @@ class FailingClient(Callback):
     """Raises at the second batch of ``client`` in ``rounds`` (0-based), after one step changed its weights,
     optimizer and amplitude target, for its first ``times`` attempts of each round."""
 
-    def __init__(self, client, rounds, times=1, error=RuntimeError("disk read failed")):
-        self.client, self.rounds, self.times, self.error = client, set(rounds), times, error
+    def __init__(self, client, rounds, times=1, error: Exception | None = None):
+        self.client, self.rounds, self.times = client, set(rounds), times
+        self.error = error or RuntimeError("disk read failed")
         self.attempts = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -80,8 +82,9 @@ def test_a_failing_client_stops_the_run_by_default_with_its_name_and_round(train
 def test_skip_policy_aggregates_the_others_and_reports_the_failure(trainer_kwargs):
     trained = Trained()
     with pytest.warns(UserWarning, match="site_1' failed in round 2"):
-        trainer, summary = _fit(trainer_kwargs, [FailingClient("site_1", rounds=[1]), trained], num_sites=3,
-                                client_failure="skip")
+        trainer, summary = _fit(
+            trainer_kwargs, [FailingClient("site_1", rounds=[1]), trained], num_sites=3, client_failure="skip"
+        )
     assert (1, "site_1") not in trained.states
     expected = weighted_average([trained.states[(1, c)] for c in ("site_0", "site_2")], [1.0, 1.0])
     for key, value in expected.items():
@@ -119,8 +122,9 @@ def test_too_few_successful_clients_stop_the_run_with_a_resumable_checkpoint(tra
 def test_non_finite_weights_are_refused_by_the_server(trainer_kwargs):
     trained = Trained()
     with pytest.warns(UserWarning, match="NaN or Inf"):
-        trainer, summary = _fit(trainer_kwargs, [Poison("site_1", float("nan")), trained], rounds=1,
-                                client_failure="skip")
+        trainer, summary = _fit(
+            trainer_kwargs, [Poison("site_1", float("nan")), trained], rounds=1, client_failure="skip"
+        )
     assert summary["failures"][0]["client"] == "site_1" and "model.fc.bias" in summary["failures"][0]["error"]
     for key, value in trained.states[(0, "site_0")].items():
         torch.testing.assert_close(trainer.global_state[key], value, atol=0, rtol=0)
@@ -135,15 +139,13 @@ def test_update_distance_bound_clips_or_rejects(trainer_kwargs, tmp_path):
     assert validation.update_distance(trainer.global_state, start) <= 0.01 * (1 + 1e-6)
     reject_kwargs = {**trainer_kwargs, "default_root_dir": str(tmp_path / "reject")}
     with pytest.raises(RuntimeError, match="min_clients"), pytest.warns(UserWarning, match="beyond the bound"):
-        _fit(reject_kwargs, rounds=1, max_update_distance=0.01, update_distance_policy="reject",
-             client_failure="skip")
+        _fit(reject_kwargs, rounds=1, max_update_distance=0.01, update_distance_policy="reject", client_failure="skip")
 
 
 @pytest.mark.parametrize("aggregator", [Median(), TrimmedMean(trim_ratio=0.34)])
 def test_robust_aggregation_ignores_one_poisoned_site(trainer_kwargs, aggregator):
     trained = Trained()
-    trainer, _ = _fit(trainer_kwargs, [Poison("site_2", 1000.0), trained], num_sites=3, rounds=1,
-                      aggregator=aggregator)
+    trainer, _ = _fit(trainer_kwargs, [Poison("site_2", 1000.0), trained], num_sites=3, rounds=1, aggregator=aggregator)
     states = [trained.states[(0, c)] for c in ("site_0", "site_1", "site_2")]
     expected = coordinate_median(states, states[0])
     for key, value in expected.items():
@@ -246,5 +248,6 @@ def test_a_checkpoint_of_another_shape_or_federation_is_refused_by_name(trainer_
     with pytest.raises(ValueError, match="'model.fc.weight' is torch.float32 \\(2, 96\\).*\\(3, 96\\)"):
         FederatedTrainer(**trainer_kwargs).test(tiny_classifier(num_classes=3), tiny_histology())
     with pytest.raises(ValueError, match="trained with clients \\['site_0', 'site_1'\\]"):
-        FederatedTrainer(rounds=2, **trainer_kwargs).fit(tiny_classifier(), tiny_histology(num_sites=3),
-                                                         ckpt_path="last")
+        FederatedTrainer(rounds=2, **trainer_kwargs).fit(
+            tiny_classifier(), tiny_histology(num_sites=3), ckpt_path="last"
+        )

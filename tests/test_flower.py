@@ -11,21 +11,23 @@ import torch
 
 flwr = pytest.importorskip("flwr", reason="Flower is an optional extra: pip install -e '.[flower]'")
 
-from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
-from flwr.serverapp import Grid  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
 
-from harmofl.checkpoint import load_checkpoint  # noqa: E402
-from harmofl.cli import build  # noqa: E402
-from harmofl.flower import FlowerExecutor, app, wire  # noqa: E402
-from harmofl.trainer import FederatedTrainer  # noqa: E402
-from harmofl.reporting import read_metrics_csv  # noqa: E402
+from harmofl.checkpoint import load_checkpoint
+from harmofl.cli import build
+from harmofl.flower import FlowerExecutor, app, wire
+from harmofl.reporting import read_metrics_csv
+from harmofl.trainer import FederatedTrainer
 
 SERVER_NODE = 0
 NO_REPLY = "no reply"  # a LocalGrid failure that drops the reply, as a site that never answers
 # The demo at a test's size: 2 sites, 32x32 patches, 2 rounds.
-TINY = ("trainer.rounds=2 data.init_args.num_sites=2 data.init_args.train_per_site=32 data.init_args.val_per_site=16 "
-        "data.init_args.test_per_site=16 data.init_args.image_size=32 data.init_args.batch_size=16")
+TINY = (
+    "trainer.rounds=2 data.init_args.num_sites=2 data.init_args.train_per_site=32 data.init_args.val_per_site=16 "
+    "data.init_args.test_per_site=16 data.init_args.image_size=32 data.init_args.batch_size=16"
+)
 
 
 class LocalGrid(Grid):
@@ -33,9 +35,10 @@ class LocalGrid(Grid):
     message and reply: the network of a deployment, without the network."""
 
     def __init__(self, node_configs: list[dict], run_config: dict, fail: dict | None = None) -> None:
-        self.contexts = {node: Context(run_id=1, node_id=node, node_config=config, state=RecordDict(),
-                                       run_config=run_config)
-                         for node, config in enumerate(node_configs, start=1)}
+        self.contexts = {
+            node: Context(run_id=1, node_id=node, node_config=config, state=RecordDict(), run_config=run_config)
+            for node, config in enumerate(node_configs, start=1)
+        }
         self.fail = fail or {}  # (message type, group id, node) -> the error its reply carries
         self.traffic: list[tuple[Message, Message]] = []
 
@@ -81,20 +84,28 @@ class LocalGrid(Grid):
 
 
 def run_flower(tmp_path: Path, overrides: str = TINY, sites=("site_0", "site_1"), fail=None, **run_config) -> LocalGrid:
-    run_config = {"config": "configs/demo.yaml", "overrides": overrides, "num-sites": len(sites),
-                  "output-dir": str(tmp_path / "flower"), "connect-timeout": 5, **run_config}
+    run_config = {
+        "config": "configs/demo.yaml",
+        "overrides": overrides,
+        "num-sites": len(sites),
+        "output-dir": str(tmp_path / "flower"),
+        "connect-timeout": 5,
+        **run_config,
+    }
     grid = LocalGrid([site if isinstance(site, dict) else {"site": site} for site in sites], run_config, fail)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SERVER_NODE, 1
-    app.run_server(grid, Context(run_id=1, node_id=SERVER_NODE, node_config={}, state=RecordDict(),
-                                 run_config=run_config))
+    app.run_server(
+        grid, Context(run_id=1, node_id=SERVER_NODE, node_config={}, state=RecordDict(), run_config=run_config)
+    )
     return grid
 
 
 def run_in_process(tmp_path: Path, overrides: str = TINY) -> Path:
     run_config = {"config": "configs/demo.yaml", "overrides": overrides}
     folder = tmp_path / "in_process"
-    cli = build(app.configuration_args(run_config, [f"trainer.default_root_dir={folder}",
-                                                    "trainer.enable_progress_bar=false"]))
+    cli = build(
+        app.configuration_args(run_config, [f"trainer.default_root_dir={folder}", "trainer.enable_progress_bar=false"])
+    )
     cli.trainer.fit(cli.model, cli.datamodule)
     return folder
 
@@ -112,8 +123,9 @@ def test_flower_run_equals_the_in_process_run(tmp_path):
     assert flower["history"] == simulated["history"]
     harmonization = flower["callbacks"]["AmplitudeHarmonization"]
     assert harmonization["frozen"]
-    torch.testing.assert_close(harmonization["shared_target"],
-                               simulated["callbacks"]["AmplitudeHarmonization"]["shared_target"])
+    torch.testing.assert_close(
+        harmonization["shared_target"], simulated["callbacks"]["AmplitudeHarmonization"]["shared_target"]
+    )
     assert flower["best_round"] == simulated["best_round"]
     assert (tmp_path / "flower" / "summary.json").is_file()
     assert "local_modules:\n  - norm" in (tmp_path / "flower" / "config.yaml").read_text()
@@ -123,13 +135,18 @@ def test_flower_run_equals_the_in_process_run(tmp_path):
 def test_held_out_site_sampling_and_server_momentum_as_in_process(tmp_path):
     # 3 sites of different sizes, one held out (evaluates only), 1 of the other 2 sampled per round, weights by
     # data size, server momentum, harmonization target shared every round.
-    overrides = (TINY.replace("data.init_args.num_sites=2", "data.init_args.num_sites=3")
-                 + " trainer.held_out_clients=[site_2] trainer.clients_per_round=1 trainer.client_weighting=samples"
-                 " trainer.server_optimizer=harmofl.server_optimizers.FedAvgM"
-                 " trainer.callbacks.init_args.share_target=every_round")
+    overrides = (
+        TINY.replace("data.init_args.num_sites=2", "data.init_args.num_sites=3")
+        + " trainer.held_out_clients=[site_2] trainer.clients_per_round=1 trainer.client_weighting=samples"
+        " trainer.server_optimizer=harmofl.server_optimizers.FedAvgM"
+        " trainer.callbacks.init_args.share_target=every_round"
+    )
     grid = run_flower(tmp_path, overrides, sites=("site_0", "site_1", "site_2"))
-    trained = {(message.metadata.group_id, message.metadata.dst_node_id) for message, _ in grid.traffic
-               if message.metadata.message_type == "train"}
+    trained = {
+        (message.metadata.group_id, message.metadata.dst_node_id)
+        for message, _ in grid.traffic
+        if message.metadata.message_type == "train"
+    }
     assert len(trained) == 2 and all(node != 3 for _, node in trained)
     flower = load_checkpoint(tmp_path / "flower" / "checkpoints" / "last.ckpt")
     simulated = load_checkpoint(run_in_process(tmp_path, overrides) / "checkpoints" / "last.ckpt")
@@ -143,8 +160,11 @@ def test_only_shared_weights_and_the_round_one_target_cross_the_network(tmp_path
     grid = run_flower(tmp_path, TINY + " trainer.local_modules=[norm]")
     cli = build(app.configuration_args(grid.contexts[1].run_config, ["trainer.enable_progress_bar=false"]))
     names = dict(cli.model.named_modules())
-    norm_keys = {key for key in cli.model.state_dict() if isinstance(names[key.rsplit(".", 1)[0]],
-                                                                     torch.nn.modules.batchnorm._NormBase)}
+    norm_keys = {
+        key
+        for key in cli.model.state_dict()
+        if isinstance(names[key.rsplit(".", 1)[0]], torch.nn.modules.batchnorm._NormBase)
+    }
     shared_keys = set(cli.model.state_dict()) - norm_keys
     assert norm_keys and shared_keys
     image_size = 32
@@ -193,11 +213,15 @@ def test_a_failing_site_is_skipped_or_stops_the_run(tmp_path):
     fail = {("train", "round-2", 2): "OSError: disk read failed"}
     grid = run_flower(tmp_path, TINY + " trainer.client_failure=skip", fail=fail)
     checkpoint = load_checkpoint(tmp_path / "flower" / "checkpoints" / "last.ckpt")
-    assert checkpoint["failures"] == [{"round": 2, "client": "site_1",
-                                       "error": "site 'site_1' raised OSError: disk read failed"}]
+    assert checkpoint["failures"] == [
+        {"round": 2, "client": "site_1", "error": "site 'site_1' raised OSError: disk read failed"}
+    ]
     # Round 2's global model is site_0's update alone.
-    round_two = [reply for message, reply in grid.traffic
-                 if message.metadata.group_id == "round-2" and reply.metadata.src_node_id == 1]
+    round_two = [
+        reply
+        for message, reply in grid.traffic
+        if message.metadata.group_id == "round-2" and reply.metadata.src_node_id == 1
+    ]
     expected = wire.read_weights(round_two[0].content)
     for key, value in expected.items():
         torch.testing.assert_close(checkpoint["global_state"][key], value, rtol=0, atol=0)
@@ -207,11 +231,16 @@ def test_a_failing_site_is_skipped_or_stops_the_run(tmp_path):
 
 
 def test_a_site_that_does_not_answer_in_time_has_failed(tmp_path, caplog):
-    run_flower(tmp_path, TINY + " trainer.client_failure=skip", fail={("train", "round-1", 1): NO_REPLY},
-               **{"reply-timeout": 30})
+    run_flower(
+        tmp_path,
+        TINY + " trainer.client_failure=skip",
+        fail={("train", "round-1", 1): NO_REPLY},
+        **{"reply-timeout": 30},
+    )
     checkpoint = load_checkpoint(tmp_path / "flower" / "checkpoints" / "last.ckpt")
-    assert checkpoint["failures"] == [{"round": 1, "client": "site_0",
-                                       "error": "no reply from site 'site_0' within 30.0 s"}]
+    assert checkpoint["failures"] == [
+        {"round": 1, "client": "site_0", "error": "no reply from site 'site_0' within 30.0 s"}
+    ]
     assert "Round 2/2: mean val accuracy" in caplog.text and "1 site failures so far" in caplog.text
 
 
@@ -237,8 +266,11 @@ def test_a_retried_site_gives_the_fault_free_run(tmp_path):
 def test_local_dp_clips_each_site_update(tmp_path):
     clip = 0.05
     # A huge epsilon: (almost) no noise, so the clipping shows exactly.
-    grid = run_flower(tmp_path, TINY.replace("trainer.rounds=2", "trainer.rounds=1"),
-                      **{"local-dp-clipping-norm": clip, "local-dp-epsilon": 1e12, "local-dp-delta": 1e-5})
+    grid = run_flower(
+        tmp_path,
+        TINY.replace("trainer.rounds=2", "trainer.rounds=1"),
+        **{"local-dp-clipping-norm": clip, "local-dp-epsilon": 1e12, "local-dp-delta": 1e-5},
+    )
     for message, reply in grid.traffic:
         if message.metadata.message_type == "train":
             sent = message.content.array_records[wire.ARRAYS].to_torch_state_dict()

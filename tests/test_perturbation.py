@@ -27,7 +27,7 @@ def _loss(model, images, labels):
 
 def _by_hand(model: nn.Module, base: torch.optim.Optimizer, images, labels, max_grad_norm=None) -> None:
     """The reference §2 step, spelled out."""
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     _loss(model, images, labels).backward()
     norm = torch.sqrt(sum((p.grad**2).sum() for p in params))
     deltas = [ALPHA * p.grad / (norm + 1e-12) for p in params]

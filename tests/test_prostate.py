@@ -257,8 +257,16 @@ def _missing_root(root: Path) -> str:
 
 @pytest.mark.parametrize(
     "damage",
-    [_remove_mask, _corrupt_volume, _wrong_mask_shape, _four_d_volume, _empty_site, _missing_site,
-     _split_without_slices, _missing_root],
+    [
+        _remove_mask,
+        _corrupt_volume,
+        _wrong_mask_shape,
+        _four_d_volume,
+        _empty_site,
+        _missing_site,
+        _split_without_slices,
+        _missing_root,
+    ],
 )
 def test_bad_data_fails_before_training_naming_the_file(fresh, damage) -> None:
     message = damage(fresh)
@@ -285,10 +293,25 @@ def test_skip_policy_leaves_bad_cases_out_and_counts_them(fresh) -> None:
 
 def test_one_round_through_the_cli(release, tmp_path) -> None:
     run_cli(
-        "fit", "--config", str(REPO / "configs" / "prostate.yaml"), "--data.init_args.root", str(release),
-        "--data.init_args.image_size", "32", "--data.init_args.batch_size", "4", "--trainer.rounds", "1",
-        "--trainer.accelerator", "cpu", "--model.init_args.backbone_kwargs", "{base_features: 4}",
-        "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+        "fit",
+        "--config",
+        str(REPO / "configs" / "prostate.yaml"),
+        "--data.init_args.root",
+        str(release),
+        "--data.init_args.image_size",
+        "32",
+        "--data.init_args.batch_size",
+        "4",
+        "--trainer.rounds",
+        "1",
+        "--trainer.accelerator",
+        "cpu",
+        "--model.init_args.backbone_kwargs",
+        "{base_features: 4}",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.enable_progress_bar",
+        "false",
     )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["clients"]) == set(SITES)

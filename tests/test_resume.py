@@ -13,24 +13,40 @@ import torch
 
 from harmofl.checkpoint import load_checkpoint
 from harmofl.reporting import read_metrics_csv
-from helpers import REPO, run_cli
 from tests.test_cli import TINY
+
+from helpers import REPO, run_cli
 
 # Every piece of state a resume must restore: momentum, server momentum, a running amplitude target shared
 # every round, SCAFFOLD's control variates, and the per-round participant sample.
 STATEFUL = [
-    "--config", "configs/demo.yaml", "--config", "configs/strategies/scaffold.yaml",
-    "--trainer.callbacks+=callbacks.AmplitudeHarmonization", "--trainer.callbacks.preset=paper",
+    "--config",
+    "configs/demo.yaml",
+    "--config",
+    "configs/strategies/scaffold.yaml",
+    "--trainer.callbacks+=callbacks.AmplitudeHarmonization",
+    "--trainer.callbacks.preset=paper",
     "--trainer.callbacks.share_target=every_round",
-    "--trainer.server_optimizer=harmofl.server_optimizers.FedAvgM", "--trainer.clients_per_round=3",
-    "--model.init_args.alpha=0.05", *TINY,
+    "--trainer.server_optimizer=harmofl.server_optimizers.FedAvgM",
+    "--trainer.clients_per_round=3",
+    "--model.init_args.alpha=0.05",
+    *TINY,
 ]
 ROUNDS = 6
 
 
 def _fit_command(root, *extra):
-    return [sys.executable, str(REPO / "cli.py"), "fit", *STATEFUL, "--trainer.rounds", str(ROUNDS),
-            "--trainer.default_root_dir", str(root), *extra]
+    return [
+        sys.executable,
+        str(REPO / "cli.py"),
+        "fit",
+        *STATEFUL,
+        "--trainer.rounds",
+        str(ROUNDS),
+        "--trainer.default_root_dir",
+        str(root),
+        *extra,
+    ]
 
 
 def _environment():
@@ -49,8 +65,9 @@ def test_a_run_killed_mid_training_resumes_to_the_same_results(tmp_path):
     subprocess.run(_fit_command(reference), env=_environment(), check=True, capture_output=True, timeout=600)
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_fit_command(killed), env=_environment(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        _fit_command(killed), env=_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     last = killed / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 300
     while _checkpoint_round(last) < 2 and process.poll() is None and time.monotonic() < deadline:
@@ -61,8 +78,9 @@ def test_a_run_killed_mid_training_resumes_to_the_same_results(tmp_path):
     interrupted_at = _checkpoint_round(last)
     assert 2 <= interrupted_at < ROUNDS
 
-    subprocess.run(_fit_command(killed, "--ckpt_path", str(last)), env=_environment(), check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        _fit_command(killed, "--ckpt_path", str(last)), env=_environment(), check=True, capture_output=True, timeout=600
+    )
     assert read_metrics_csv(killed / "metrics.csv") == read_metrics_csv(reference / "metrics.csv")
     assert json.loads((killed / "summary.json").read_text()) == json.loads((reference / "summary.json").read_text())
     resumed, uninterrupted = load_checkpoint(last), load_checkpoint(reference / "checkpoints" / "last.ckpt")
@@ -112,7 +130,18 @@ def test_the_same_config_and_seed_give_the_same_summary(tmp_path, devices):
     summaries = []
     for attempt in range(2):
         root = tmp_path / f"run{attempt}"
-        run_cli("fit", "--config", "configs/demo.yaml", "--trainer.rounds", "2", "--trainer.devices", str(devices),
-                "--trainer.default_root_dir", str(root), *TINY, env={"OMP_NUM_THREADS": "1"})
+        run_cli(
+            "fit",
+            "--config",
+            "configs/demo.yaml",
+            "--trainer.rounds",
+            "2",
+            "--trainer.devices",
+            str(devices),
+            "--trainer.default_root_dir",
+            str(root),
+            *TINY,
+            env={"OMP_NUM_THREADS": "1"},
+        )
         summaries.append((root / "summary.json").read_text())
     assert summaries[0] == summaries[1]

@@ -39,8 +39,15 @@ def draw_pair(rng: np.random.Generator, code: int, height: int = HEIGHT, width: 
     return image, labels
 
 
-def write_site(root: Path, name: str, codes: list[int], image_ext: str, mask_style: str, mask_tag: str = "",
-               size: tuple[int, int] = (HEIGHT, WIDTH)) -> None:
+def write_site(
+    root: Path,
+    name: str,
+    codes: list[int],
+    image_ext: str,
+    mask_style: str,
+    mask_tag: str = "",
+    size: tuple[int, int] = (HEIGHT, WIDTH),
+) -> None:
     """A site folder. ``mask_style``: ``binary`` (0/255 png), ``binary01`` (0/1 png) or ``instance`` (uint16 tif)."""
     rng = np.random.default_rng(sum(codes))
     (root / name / "images").mkdir(parents=True)
@@ -92,15 +99,18 @@ def test_pairs_splits_shapes_and_ranges(federation):
     # split.csv names images by file name or stem; 4 images at (0.5, 0.25, 0.25) give 2 / 1 / 1.
     assert [codes(data, "alpha", split) for split in SPLITS] == [{10, 11}, {12}, {13}]
     for site in data.client_names:
-        assert [data.num_samples(site, split) for split in SPLITS] == [2 * TILES_PER_IMAGE, TILES_PER_IMAGE,
-                                                                        TILES_PER_IMAGE]
+        assert [data.num_samples(site, split) for split in SPLITS] == [
+            2 * TILES_PER_IMAGE,
+            TILES_PER_IMAGE,
+            TILES_PER_IMAGE,
+        ]
         assert set.union(*(codes(data, site, split) for split in SPLITS)) == SITE_CODES[site]
         for split in SPLITS:
             assert_aligned(data, site, split)  # each mask is its own image's, tile for tile
     images, masks = next(iter(data.dataloader("beta", "train", generator=torch.Generator().manual_seed(0))))
     assert images.shape == (4, 3, PATCH, PATCH) and images.dtype == torch.float32
     assert masks.shape == (4, PATCH, PATCH) and masks.dtype == torch.long
-    assert 0.0 <= images.min() and images.max() <= 1.0 and images.max() == 1.0
+    assert images.min() >= 0.0 and images.max() <= 1.0 and images.max() == 1.0
     assert set(masks.unique().tolist()) == {0, 1}  # instance labels (up to 40000) became foreground
 
 
@@ -123,8 +133,12 @@ def test_tiles_cover_the_image_with_the_last_row_and_column_on_the_border(tmp_pa
     image, labels = draw_pair(np.random.default_rng(1 + 2 + 3 + 4), 1, 200, 300)  # write_site drew code 1 first
     corners = [(y, x) for y in (0, 72) for x in (0, 128, 172)]
     assert data.num_samples("wide", "train") == 2 * len(corners)
-    tiles = [sample for split in SPLITS for sample in data.dataset("wide", split)
-             if round(sample[0][1, 0, 0].item() * 255) == 1]
+    tiles = [
+        sample
+        for split in SPLITS
+        for sample in data.dataset("wide", split)
+        if round(sample[0][1, 0, 0].item() * 255) == 1
+    ]
     assert len(tiles) == len(corners)
     for (tile_image, tile_mask), (y, x) in zip(tiles, corners):
         expected = torch.from_numpy(image[y : y + 128, x : x + 128]).permute(2, 0, 1).float() / 255
@@ -159,15 +173,17 @@ def test_magnification_resizes_each_site_to_the_target(tmp_path):
         # Nearest resizing by 2 repeats every mask pixel 2×2.
         torch.testing.assert_close(resized, original.repeat_interleave(2, 1).repeat_interleave(2, 2), rtol=0, atol=0)
     image, _ = data.dataset("low", "train")[0]
-    assert image.shape == (3, 32, 32) and 0.0 <= image.min() and image.max() <= 1.0
+    assert image.shape == (3, 32, 32) and image.min() >= 0.0 and image.max() <= 1.0
 
 
 def test_max_patches_per_split_keeps_a_seeded_subset(federation):
     full = folders(federation)
     capped = folders(federation, max_patches_per_split=3)
     assert [capped.num_samples("beta", split) for split in SPLITS] == [3, 3, 3]
-    assert torch.equal(capped.dataset("beta", "train").images, folders(federation, max_patches_per_split=3)
-                       .dataset("beta", "train").images)
+    assert torch.equal(
+        capped.dataset("beta", "train").images,
+        folders(federation, max_patches_per_split=3).dataset("beta", "train").images,
+    )
     kept = capped.dataset("beta", "train").images
     every = full.dataset("beta", "train").images
     assert all(any(torch.equal(patch, candidate) for candidate in every) for patch in kept)
@@ -192,31 +208,64 @@ def write(path: Path, text: str) -> None:
 # (change to the federation, constructor arguments, words the error must contain)
 ERRORS: dict[str, tuple[Callable[[Path], object], dict, tuple[str, ...]]] = {
     "missing root": (shutil.rmtree, {}, ("sites", "not a folder")),
-    "site without images": (lambda root: (root / "gamma" / "images").rename(root / "gamma" / "imgs"), {},
-                            ("gamma", "images")),
-    "site without masks": (lambda root: (root / "beta" / "masks").rename(root / "beta" / "labels"), {},
-                           ("beta", "masks")),
-    "image without mask": (lambda root: (root / "beta" / "masks" / "b21_mask.tif").unlink(), {},
-                           ("b21.tif", "no mask")),
-    "mask without image": (lambda root: small_mask(root / "alpha" / "masks" / "a99.png"), {},
-                           ("a99.png", "matches no image")),
-    "two masks for an image": (lambda root: small_mask(root / "gamma" / "masks" / "g31.png"), {},
-                               ("g31.png", "g31_mask.png")),
-    "two images, one stem": (lambda root: small_mask(root / "alpha" / "images" / "a10.tif"), {},
-                             ("a10.png", "a10.tif", "share the stem")),
+    "site without images": (
+        lambda root: (root / "gamma" / "images").rename(root / "gamma" / "imgs"),
+        {},
+        ("gamma", "images"),
+    ),
+    "site without masks": (
+        lambda root: (root / "beta" / "masks").rename(root / "beta" / "labels"),
+        {},
+        ("beta", "masks"),
+    ),
+    "image without mask": (
+        lambda root: (root / "beta" / "masks" / "b21_mask.tif").unlink(),
+        {},
+        ("b21.tif", "no mask"),
+    ),
+    "mask without image": (
+        lambda root: small_mask(root / "alpha" / "masks" / "a99.png"),
+        {},
+        ("a99.png", "matches no image"),
+    ),
+    "two masks for an image": (
+        lambda root: small_mask(root / "gamma" / "masks" / "g31.png"),
+        {},
+        ("g31.png", "g31_mask.png"),
+    ),
+    "two images, one stem": (
+        lambda root: small_mask(root / "alpha" / "images" / "a10.tif"),
+        {},
+        ("a10.png", "a10.tif", "share the stem"),
+    ),
     "jpeg mask": (lambda root: small_mask(root / "beta" / "masks" / "b20.jpg"), {}, ("b20.jpg", "lossless")),
     "corrupt image": (lambda root: break_file(root / "alpha" / "images" / "a12.png"), {}, ("a12.png", "unreadable")),
     "truncated tif image": (lambda root: truncate(root / "beta" / "images" / "b22.tif"), {}, ("b22.tif",)),
-    "corrupt mask": (lambda root: break_file(root / "beta" / "masks" / "b23_mask.tif"), {},
-                     ("b23_mask.tif", "unreadable mask")),
-    "mask shape differs": (lambda root: small_mask(root / "alpha" / "masks" / "a11.png"), {},
-                           ("a11.png", "(10, 10)", f"({HEIGHT}, {WIDTH})")),
-    "unknown split name": (lambda root: write(root / "alpha" / "split.csv", "image,split\na10,train\na11,training\n"),
-                           {}, ("split.csv", "line 3", "'training'")),
-    "split.csv misses an image": (lambda root: write(root / "alpha" / "split.csv", "image,split\na10,train\n"), {},
-                                  ("split.csv", "a11.png")),
-    "magnification of some sites only": (lambda root: None, {"magnifications": {"alpha": 40},
-                                                             "target_magnification": 40}, ("beta", "gamma")),
+    "corrupt mask": (
+        lambda root: break_file(root / "beta" / "masks" / "b23_mask.tif"),
+        {},
+        ("b23_mask.tif", "unreadable mask"),
+    ),
+    "mask shape differs": (
+        lambda root: small_mask(root / "alpha" / "masks" / "a11.png"),
+        {},
+        ("a11.png", "(10, 10)", f"({HEIGHT}, {WIDTH})"),
+    ),
+    "unknown split name": (
+        lambda root: write(root / "alpha" / "split.csv", "image,split\na10,train\na11,training\n"),
+        {},
+        ("split.csv", "line 3", "'training'"),
+    ),
+    "split.csv misses an image": (
+        lambda root: write(root / "alpha" / "split.csv", "image,split\na10,train\n"),
+        {},
+        ("split.csv", "a11.png"),
+    ),
+    "magnification of some sites only": (
+        lambda root: None,
+        {"magnifications": {"alpha": 40}, "target_magnification": 40},
+        ("beta", "gamma"),
+    ),
     "empty split": (lambda root: None, {"fractions": (0.7, 0.15, 0.15)}, ("beta", "'val'")),
 }
 
@@ -256,10 +305,27 @@ def cli_sites(tmp_path: Path) -> Path:
 
 def test_one_round_through_the_cli_with_the_nuclei_config(cli_sites, tmp_path):
     run = tmp_path / "run"
-    run_cli("fit", "--config", str(REPO / "configs" / "nuclei.yaml"), "--data.init_args.root", str(cli_sites),
-            "--data.init_args.patch_size", "32", "--data.init_args.batch_size", "4", "--trainer.rounds", "1",
-            "--model.init_args.backbone_kwargs", "{base_features: 4}", "--trainer.default_root_dir", str(run),
-            "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu")
+    run_cli(
+        "fit",
+        "--config",
+        str(REPO / "configs" / "nuclei.yaml"),
+        "--data.init_args.root",
+        str(cli_sites),
+        "--data.init_args.patch_size",
+        "32",
+        "--data.init_args.batch_size",
+        "4",
+        "--trainer.rounds",
+        "1",
+        "--model.init_args.backbone_kwargs",
+        "{base_features: 4}",
+        "--trainer.default_root_dir",
+        str(run),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.accelerator",
+        "cpu",
+    )
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["clients"]) == {"site_a", "site_b"}
     for splits in summary["clients"].values():

@@ -62,8 +62,9 @@ def test_moments_round_trip_through_state_dict():
     torch.testing.assert_close(restored.step(x, means[1])["w"], optimizer.step(x, means[1])["w"])
 
 
-@pytest.mark.parametrize("make", [lambda: FedAvg(lr=0), lambda: FedAvgM(momentum=1.0), lambda: FedAdam(tau=0),
-                                  lambda: FedYogi(beta2=-0.1)])
+@pytest.mark.parametrize(
+    "make", [lambda: FedAvg(lr=0), lambda: FedAvgM(momentum=1.0), lambda: FedAdam(tau=0), lambda: FedYogi(beta2=-0.1)]
+)
 def test_bad_settings_are_rejected(make):
     with pytest.raises(ValueError, match="Server optimizer"):
         make()
@@ -75,8 +76,11 @@ def test_fednova_is_normalized_averaging_of_wang_et_al(momentum):
 
     x = _states(0)
     clients = [_states(1), _states(2), _states(3)]
-    contributions = [Contribution(weight=1.0, num_steps=2), Contribution(weight=2.0, num_steps=5),
-                     Contribution(weight=1.0, num_steps=9)]
+    contributions = [
+        Contribution(weight=1.0, num_steps=2),
+        Contribution(weight=2.0, num_steps=5),
+        Contribution(weight=1.0, num_steps=9),
+    ]
     optimizer = FedNova(momentum=momentum)
 
     def a(tau):  # the paper's normalizer for SGD with momentum rho
@@ -84,8 +88,9 @@ def test_fednova_is_normalized_averaging_of_wang_et_al(momentum):
 
     p = [c.weight / 4.0 for c in contributions]
     tau_eff = sum(pk * a(c.num_steps) for pk, c in zip(p, contributions))
-    expected = x["w"] - tau_eff * sum(pk * (x["w"] - y["w"]) / a(c.num_steps)
-                                      for pk, y, c in zip(p, clients, contributions))
+    expected = x["w"] - tau_eff * sum(
+        pk * (x["w"] - y["w"]) / a(c.num_steps) for pk, y, c in zip(p, clients, contributions)
+    )
     # What the orchestrator hands the server: the mean weighted by weight x aggregation_factor(steps).
     factors = [c.weight * optimizer.aggregation_factor(c.num_steps) for c in contributions]
     mean = {"w": sum(f * y["w"] for f, y in zip(factors, clients)) / sum(factors), "n": torch.tensor(7)}

@@ -69,7 +69,7 @@ def test_explicit_split_column_and_labels(sites):
         assert files(module, "site_a", split) == [row[0] for row in a_rows() if row[2] == split]
     images, labels = next(iter(module.dataloader("site_a", "train")))
     assert images.dtype == torch.float32 and images.shape == (6, 3, 24, 24)
-    assert 0.0 <= images.min() and images.max() <= 1.0 and images.std() > 0.1
+    assert images.min() >= 0.0 and images.max() <= 1.0 and images.std() > 0.1
     assert labels.dtype == torch.long
     assert sorted(labels.tolist()) == sorted(int(row[1]) for row in a_rows() if row[2] == "train")
     assert module.skipped == {"site_a": 0, "site_b": 0}
@@ -79,7 +79,7 @@ def test_grey_channels_and_native_size(sites):
     module = SiteFolders(str(sites), sites=["site_a"], image_size=40, channels=1)
     module.setup()
     image, label = module.dataset("site_a", "test")[0]
-    assert image.shape == (1, 40, 40) and 0.0 <= image.min() and image.max() <= 1.0
+    assert image.shape == (1, 40, 40) and image.min() >= 0.0 and image.max() <= 1.0
     assert label.dtype == torch.long and label.item() == int(a_rows()[4][1])
 
 
@@ -91,7 +91,7 @@ def test_fraction_split_is_disjoint_complete_seeded_and_per_site(sites):
 
     first = split_of(0)
     assert [len(first[s]) for s in ("train", "val", "test")] == [14, 3, 3]
-    assert sorted(sum(first.values(), [])) == sorted(row[0] for row in b_rows())
+    assert sorted(sum(first.values(), [])) == sorted(row[0] for row in b_rows())  # noqa: RUF017  # 3 short lists
     order = [row[0] for row in b_rows()]
     assert all(names == sorted(names, key=order.index) for names in first.values())  # labels.csv order kept
     assert split_of(0, ["site_b"]) == first  # a site's split does not depend on the other sites
@@ -120,8 +120,10 @@ def test_bad_and_missing_images_are_named_or_skipped(tmp_path):
     [
         ("image,split\nimages/a0.png,train\n", r"missing column\(s\) 'label'"),
         ("image,label,split,notes\nimages/a0.png,1,train,x\n", r"unknown column\(s\) 'notes'"),
-        ("image,label,split\nimages/a0.png,1,train\nimages/a1.jpg,1,validation\n",
-         "line 3: unknown split 'validation'; expected one of train, val, test"),
+        (
+            "image,label,split\nimages/a0.png,1,train\nimages/a1.jpg,1,validation\n",
+            "line 3: unknown split 'validation'; expected one of train, val, test",
+        ),
         ("image,label,split\nimages/a0.png,cat,train\n", "line 2: column 'label' holds 'cat', not an integer"),
         ("image,label,split\nimages/a0.png,-1,train\n", "line 2: label -1 is negative"),
         ("image,label,split\nimages/a0.png,1\n", r"line 2: 2 field\(s\) where the header has 3"),
@@ -157,8 +159,22 @@ def test_missing_folders_files_and_empty_splits_are_named(tmp_path):
 
 
 def test_one_round_through_the_cli(sites, tmp_path):
-    run_cli("fit", "--config", "configs/site_folders.yaml", "--data.init_args.root", str(sites),
-            "--trainer.rounds", "1", "--data.init_args.batch_size", "8", "--data.init_args.image_size", "32",
-            "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false")
+    run_cli(
+        "fit",
+        "--config",
+        "configs/site_folders.yaml",
+        "--data.init_args.root",
+        str(sites),
+        "--trainer.rounds",
+        "1",
+        "--data.init_args.batch_size",
+        "8",
+        "--data.init_args.image_size",
+        "32",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.enable_progress_bar",
+        "false",
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["clients"]) == {"site_a", "site_b"}

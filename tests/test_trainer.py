@@ -11,6 +11,7 @@ from harmofl.aggregation import weighted_average
 from harmofl.checkpoint import load_checkpoint
 from harmofl.reporting import read_metrics_csv
 from harmofl.trainer import FederatedTrainer
+
 from helpers import tiny_classifier, tiny_histology, tiny_nuclei, tiny_segmenter
 
 
@@ -25,8 +26,9 @@ class Recorder(Callback):
 
     def on_train_client_start(self, trainer, pl_module, client):
         state = trainer.optimizer.state_dict()["state"]
-        self.optimizer_at_start[(trainer.current_round, client)] = {k: v["momentum_buffer"].clone()
-                                                                    for k, v in state.items()}
+        self.optimizer_at_start[(trainer.current_round, client)] = {
+            k: v["momentum_buffer"].clone() for k, v in state.items()
+        }
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         with torch.no_grad():
@@ -64,8 +66,9 @@ def test_fit_aggregates_the_uniform_mean_and_writes_every_output(trainer_kwargs,
     run = tmp_path / "run"
     rows = read_metrics_csv(run / "metrics.csv")
     assert len(rows) == 2 * 3 * 3  # rounds x (clients + mean) x splits
-    assert {(r["client"], r["split"]) for r in rows} == {(c, s) for c in [*clients, "mean"]
-                                                         for s in ("train", "val", "test")}
+    assert {(r["client"], r["split"]) for r in rows} == {
+        (c, s) for c in [*clients, "mean"] for s in ("train", "val", "test")
+    }
     summary = json.loads((run / "summary.json").read_text())
     assert summary == result
     assert summary["rounds"] == 2 and set(summary["clients"]) == set(clients)
@@ -113,8 +116,12 @@ def test_local_modules_stay_local(trainer_kwargs):
     model = tiny_classifier(batch_norm_stats="running")
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     trainer.fit(model, tiny_histology())
-    norm_keys = {f"{name}.{key}" for name, module in model.named_modules()
-                 if isinstance(module, torch.nn.BatchNorm2d) for key in module.state_dict()}
+    norm_keys = {
+        f"{name}.{key}"
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.BatchNorm2d)
+        for key in module.state_dict()
+    }
     assert trainer.local_keys == norm_keys and norm_keys
     for key in trainer.local_keys:
         assert torch.equal(trainer.global_state[key], initial[key])  # never aggregated
@@ -129,8 +136,9 @@ def test_local_modules_stay_local(trainer_kwargs):
 def test_sample_weighting_and_local_steps(trainer_kwargs):
     recorder = Recorder()
     data = tiny_histology(train_per_site=16)
-    trainer = FederatedTrainer(rounds=1, local_steps=3, client_weighting="samples", callbacks=[recorder],
-                               **trainer_kwargs)
+    trainer = FederatedTrainer(
+        rounds=1, local_steps=3, client_weighting="samples", callbacks=[recorder], **trainer_kwargs
+    )
     trainer.fit(tiny_classifier(), data)
     assert len(recorder.losses) == 2 * 3
     assert trainer.federation.client_weight == {"site_0": 16.0, "site_1": 16.0}
@@ -209,8 +217,9 @@ def test_partial_participation_trains_a_seeded_sample_and_averages_only_it(train
         tiny_classifier(), tiny_histology(num_sites=3)
     )
     assert set(again.trained) == set(recorder.trained)
-    last = weighted_average([recorder.trained[(2, c)] for c in trainer.participants(2)],
-                            [1.0] * len(trainer.participants(2)))
+    last = weighted_average(
+        [recorder.trained[(2, c)] for c in trainer.participants(2)], [1.0] * len(trainer.participants(2))
+    )
     for key, value in last.items():
         torch.testing.assert_close(trainer.global_state[key], value, atol=1e-7, rtol=0)
     train_rows = [r for r in trainer.history if r["split"] == "train" and r["client"] != "mean"]
@@ -240,8 +249,9 @@ def test_local_training_keeps_every_module_local(trainer_kwargs):
 
 def test_held_out_site_never_trains_and_is_reported_apart(trainer_kwargs):
     recorder = Recorder()
-    trainer = FederatedTrainer(rounds=2, held_out_clients=["site_2"], callbacks=[AmplitudeHarmonization(), recorder],
-                               **trainer_kwargs)
+    trainer = FederatedTrainer(
+        rounds=2, held_out_clients=["site_2"], callbacks=[AmplitudeHarmonization(), recorder], **trainer_kwargs
+    )
     summary = trainer.fit(tiny_classifier(), tiny_histology(num_sites=3))
     assert {client for _, client in recorder.trained} == {"site_0", "site_1"}
     assert set(summary["clients"]) == {"site_0", "site_1"} and set(summary["held_out"]) == {"site_2"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from abc import abstractmethod
 from pathlib import Path
-from typing import Any, Literal, Optional, cast
+from typing import Any, Literal, cast
 
 import torch
 from lightning.pytorch import LightningModule
@@ -59,18 +59,18 @@ class FederatedClient(LightningModule):
         backbone: str,
         num_classes: int = 2,
         in_chans: int = 3,
-        backbone_kwargs: Optional[dict[str, Any]] = None,
+        backbone_kwargs: dict[str, Any] | None = None,
         optimizer: OptimizerCallable = torch.optim.SGD,
         alpha: float = 0.05,
         proximal_mu: float = 0.0,
         contrastive_mu: float = 0.0,
         contrastive_temperature: float = 0.5,
-        max_grad_norm: Optional[float] = None,
-        weights_path: Optional[str] = None,
+        max_grad_norm: float | None = None,
+        weights_path: str | None = None,
         batch_norm_stats: Literal["running", "batch"] = "running",
         channels_last: bool = False,
         compile_model: bool = False,
-        compile_kwargs: Optional[dict[str, Any]] = None,
+        compile_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if proximal_mu < 0:
@@ -93,16 +93,17 @@ class FederatedClient(LightningModule):
         self.contrastive_mu = contrastive_mu
         self.contrastive_temperature = contrastive_temperature
         #: SCAFFOLD's ``c − c_i`` per parameter name, set by :class:`callbacks.Scaffold` for one client's training.
-        self.gradient_correction: Optional[dict[str, Tensor]] = None
-        self._start_weights: Optional[list[Tensor]] = None
+        self.gradient_correction: dict[str, Tensor] | None = None
+        self._start_weights: list[Tensor] | None = None
         # MOON: frozen copies of the network (not submodules: never trained, saved or aggregated), and the
         # weights the current client ended its previous round with.
         self._reference_networks: dict[str, nn.Module] = {}
-        self._previous_weights: Optional[dict[str, Tensor]] = None
+        self._previous_weights: dict[str, Tensor] | None = None
         self.max_grad_norm = max_grad_norm
         self.num_classes = num_classes
-        self.model = self.create_network(backbone, num_classes=num_classes, in_chans=in_chans,
-                                         **(backbone_kwargs or {}))
+        self.model = self.create_network(
+            backbone, num_classes=num_classes, in_chans=in_chans, **(backbone_kwargs or {})
+        )
         # Each process evaluates its own clients: metrics must never be synchronized across processes.
         self.metrics = nn.ModuleDict({stage: self.build_metrics() for stage in EVAL_STAGES})
         if batch_norm_stats == "batch":
@@ -174,7 +175,7 @@ class FederatedClient(LightningModule):
             self._reference_networks[name] = network
         self._reference_networks[name].load_state_dict(weights)
 
-    def reference_representations(self, images: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    def reference_representations(self, images: Tensor) -> tuple[Tensor, Tensor] | None:
         """MOON's ``(z_glob, z_prev)`` of a batch; None when the contrastive term is off."""
         if self.contrastive_mu == 0:
             return None
@@ -189,7 +190,7 @@ class FederatedClient(LightningModule):
             )
 
     def local_objective(
-        self, images: Tensor, targets: Tensor, references: Optional[tuple[Tensor, Tensor]] = None
+        self, images: Tensor, targets: Tensor, references: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, Tensor]:
         """(objective to minimize, task loss): the task loss plus the client-side terms that are switched on.
 

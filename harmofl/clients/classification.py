@@ -46,7 +46,7 @@ class ClassificationClient(FederatedClient):
 
     def representation_layer(self) -> tuple[str, Tap]:
         # The classifier head's input: the pooled features (timm's pre-logits), as MOON uses.
-        head = self.model.get_classifier() if hasattr(self.model, "get_classifier") else self.model.classifier  # type: ignore[operator]  # noqa: E501
+        head = self.model.get_classifier() if hasattr(self.model, "get_classifier") else self.model.classifier  # type: ignore[operator]
         name = next((name for name, module in self.model.named_modules() if module is head), None)
         if not name:
             raise ValueError(f"Cannot locate the classifier head of {type(self.model).__name__} for MOON.")

@@ -47,8 +47,10 @@ def read_metadata(file: Path) -> dict[str, np.ndarray]:
 def _check_binary(file: Path, metadata: dict[str, np.ndarray], name: str, meaning: str) -> None:
     bad = np.flatnonzero((metadata[name] != 0) & (metadata[name] != 1))
     if len(bad):
-        raise DataError(f"{file}, data row {bad[0] + 1}: column {name!r} holds {metadata[name][bad[0]]} "
-                        f"({len(bad)} such row(s)); it must be 0 or 1 ({meaning}).")
+        raise DataError(
+            f"{file}, data row {bad[0] + 1}: column {name!r} holds {metadata[name][bad[0]]} "
+            f"({len(bad)} such row(s)); it must be 0 or 1 ({meaning})."
+        )
 
 
 class Camelyon17(ImageFileFederation):
@@ -105,9 +107,16 @@ class Camelyon17(ImageFileFederation):
         batch_size: int = 128,
         **loader: Any,
     ) -> None:
-        super().__init__(image_size=image_size, channels=3, max_per_split=max_per_split,
-                         truncate_to_smallest=truncate_to_smallest, verify_images=verify_images, seed=seed,
-                         batch_size=batch_size, **loader)
+        super().__init__(
+            image_size=image_size,
+            channels=3,
+            max_per_split=max_per_split,
+            truncate_to_smallest=truncate_to_smallest,
+            verify_images=verify_images,
+            seed=seed,
+            batch_size=batch_size,
+            **loader,
+        )
         check_choice("split_mode", split_mode, ("reference", "patient"))
         check_distinct("centers", centers, "hospital")
         self.root = root
@@ -136,8 +145,10 @@ class Camelyon17(ImageFileFederation):
         splits: dict[Split, np.ndarray]
         if self.split_mode == "reference":
             if not (column["split"] == 1).any():
-                raise DataError(f"Hospital {center} (client 'hospital_{center}') has no rows with split == 1 in "
-                                f"{file}, so no test set: set data.split_mode: patient.")
+                raise DataError(
+                    f"Hospital {center} (client 'hospital_{center}') has no rows with split == 1 in "
+                    f"{file}, so no test set: set data.split_mode: patient."
+                )
             train_list = np.flatnonzero(column["split"] == 0)
             cut = len(train_list) - len(train_list) // 5
             splits = {"train": train_list[:cut], "val": train_list[cut:], "test": np.flatnonzero(column["split"] == 1)}
@@ -150,7 +161,11 @@ class Camelyon17(ImageFileFederation):
 
     def _empty_split_hint(self, split: Split) -> str:
         if self.split_mode == "patient":
-            return (f"Its patients are too few for data.patient_fractions={self.patient_fractions}: change them "
-                    "or drop the hospital from data.centers.")
-        return ("The reference split needs split == 0 rows (train, and its last 20 % for val) and split == 1 rows "
-                "(test) for every hospital; data.split_mode: patient splits by patient instead.")
+            return (
+                f"Its patients are too few for data.patient_fractions={self.patient_fractions}: change them "
+                "or drop the hospital from data.centers."
+            )
+        return (
+            "The reference split needs split == 0 rows (train, and its last 20 % for val) and split == 1 rows "
+            "(test) for every hospital; data.split_mode: patient splits by patient instead."
+        )

@@ -131,8 +131,13 @@ class _ProceduralFederation(FederatedDataModule):
     def _cache_path(self, index: int, split: Split) -> Path:
         """The cache file of one site's split, named by a hash of everything that determines its content."""
         settings = {
-            "format": DEMO_CACHE_FORMAT, "kind": type(self).__name__, "site": dataclasses.asdict(self.sites[index]),
-            "index": index, "split": split, "count": self.split_sizes[split], "image_size": self.image_size,
+            "format": DEMO_CACHE_FORMAT,
+            "kind": type(self).__name__,
+            "site": dataclasses.asdict(self.sites[index]),
+            "index": index,
+            "split": split,
+            "count": self.split_sizes[split],
+            "image_size": self.image_size,
             "seed": self.seed,
         }
         return entry_path(self.cache_dir, type(self).__name__, settings, DEMO_CACHE_KEY_DIGITS)
@@ -150,8 +155,10 @@ class _ProceduralFederation(FederatedDataModule):
         try:
             write_entry(path, {"images": images, "targets": targets})
         except OSError as error:
-            rank_zero_warn(f"Cannot write the demo data cache {str(path)!r} ({error}); set data.cache_dir to a "
-                           "writable folder, or data.cache false.")
+            rank_zero_warn(
+                f"Cannot write the demo data cache {str(path)!r} ({error}); set data.cache_dir to a "
+                "writable folder, or data.cache false."
+            )
         return images, targets
 
     @abstractmethod

@@ -141,15 +141,22 @@ class ImageFileFederation(FileFederation):
         clients = self._client_files()
         self._clients = list(clients)
         self.skipped = dict.fromkeys(clients, 0)
-        rows = {client: {split: self._checked_rows(client, split, files) for split in SPLITS}
-                for client, files in clients.items()}
+        rows = {
+            client: {split: self._checked_rows(client, split, files) for split in SPLITS}
+            for client, files in clients.items()
+        }
         if self.truncate_to_smallest:
             smallest = min(len(splits["train"]) for splits in rows.values())
             for splits in rows.values():
                 splits["train"] = splits["train"][:smallest]
         self._datasets = {
-            (client, split): ImageFiles(files.root, files.files[rows[client][split]], files.labels[rows[client][split]],
-                                        self.channels, self.image_size)
+            (client, split): ImageFiles(
+                files.root,
+                files.files[rows[client][split]],
+                files.labels[rows[client][split]],
+                self.channels,
+                self.image_size,
+            )
             for client, files in clients.items()
             for split in SPLITS
         }
@@ -171,6 +178,7 @@ class ImageFileFederation(FileFederation):
         self.skipped[client] += skipped
         if not good:
             left_out = f" ({skipped} bad sample(s) left out)" if skipped else ""
-            raise DataError(f"Client {client!r} has no samples in its {split!r} split{left_out}. "
-                            f"{self._empty_split_hint(split)}")
+            raise DataError(
+                f"Client {client!r} has no samples in its {split!r} split{left_out}. {self._empty_split_hint(split)}"
+            )
         return np.asarray(good, dtype=np.int64)

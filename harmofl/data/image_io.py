@@ -61,7 +61,8 @@ def image_is_intact(path: Path) -> str | None:
 def list_images(folder: Path) -> list[Path]:
     """The image files of ``folder`` (by suffix, any case), sorted; hidden files are ignored."""
     return sorted(
-        path for path in folder.iterdir()
+        path
+        for path in folder.iterdir()
         if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
     )
 

@@ -91,23 +91,50 @@ class SiteImaging:
 _REFERENCE_SITES: tuple[SiteImaging, ...] = (
     # Pale, blue-shifted: under-stained thin sections, a bluish haematoxylin, cool white balance.
     SiteImaging(
-        hematoxylin=(0.740, 0.640, 0.200), eosin=(0.120, 0.980, 0.160), background=(0.060, 0.030, 0.000),
-        stain_scale=0.6, gamma=0.85, contrast=0.9, blur_sigma=0.4, noise_std=0.01, shot_noise=0.01,
+        hematoxylin=(0.740, 0.640, 0.200),
+        eosin=(0.120, 0.980, 0.160),
+        background=(0.060, 0.030, 0.000),
+        stain_scale=0.6,
+        gamma=0.85,
+        contrast=0.9,
+        blur_sigma=0.4,
+        noise_std=0.01,
+        shot_noise=0.01,
     ),
     # Dark, saturated: thick over-stained sections, magenta eosin, warm white balance, steep tone curve.
     SiteImaging(
-        hematoxylin=(0.580, 0.760, 0.290), eosin=(0.100, 0.940, 0.330), background=(0.000, 0.050, 0.070),
-        stain_scale=1.5, gamma=1.3, contrast=1.15, blur_sigma=0.3, noise_std=0.01, shot_noise=0.01,
+        hematoxylin=(0.580, 0.760, 0.290),
+        eosin=(0.100, 0.940, 0.330),
+        background=(0.000, 0.050, 0.070),
+        stain_scale=1.5,
+        gamma=1.3,
+        contrast=1.15,
+        blur_sigma=0.3,
+        noise_std=0.01,
+        shot_noise=0.01,
     ),
     # Blurry, low resolution: a lower-magnification scanner with soft optics, yellowish lamp.
     SiteImaging(
-        hematoxylin=HEMATOXYLIN_OD, eosin=(0.050, 0.940, 0.280), background=(0.020, 0.040, 0.110),
-        stain_scale=1.0, blur_sigma=1.0, resolution=0.5, noise_std=0.005, shot_noise=0.005,
+        hematoxylin=HEMATOXYLIN_OD,
+        eosin=(0.050, 0.940, 0.280),
+        background=(0.020, 0.040, 0.110),
+        stain_scale=1.0,
+        blur_sigma=1.0,
+        resolution=0.5,
+        noise_std=0.005,
+        shot_noise=0.005,
     ),
     # Noisy, sharpened: a fast high-gain sensor whose software sharpens (and so amplifies the noise).
     SiteImaging(
-        hematoxylin=(0.620, 0.720, 0.310), eosin=(0.030, 0.990, 0.040), background=(0.010, 0.020, 0.020),
-        stain_scale=0.9, gamma=1.05, contrast=1.05, sharpen=1.2, noise_std=0.035, shot_noise=0.03,
+        hematoxylin=(0.620, 0.720, 0.310),
+        eosin=(0.030, 0.990, 0.040),
+        background=(0.010, 0.020, 0.020),
+        stain_scale=0.9,
+        gamma=1.05,
+        contrast=1.05,
+        sharpen=1.2,
+        noise_std=0.035,
+        shot_noise=0.03,
     ),
 )
 
@@ -177,9 +204,7 @@ def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
     return F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), kernel.transpose(2, 3), groups=channels)
 
 
-def render(
-    h_conc: Tensor, e_conc: Tensor, site: SiteImaging, generator: torch.Generator | None = None
-) -> Tensor:
+def render(h_conc: Tensor, e_conc: Tensor, site: SiteImaging, generator: torch.Generator | None = None) -> Tensor:
     """Images ``[B, 3, H, W]`` in [0, 1] of haematoxylin and eosin concentrations ``[B, H, W]``
     as ``site`` stains and scans them; ``generator`` draws the sensor noise."""
     if h_conc.dim() != 3 or h_conc.shape != e_conc.shape:

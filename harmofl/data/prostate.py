@@ -172,8 +172,10 @@ class ProstateMRI(SiteFolderFederation):
         try:
             write_entry(path, {"image": image.half(), "mask": labels, "prostate": prostate})
         except OSError as error:
-            raise DataError(f"Cannot write the preprocessing cache {str(path)!r} ({error}): set data.cache_dir "
-                            "to a writable folder.") from error
+            raise DataError(
+                f"Cannot write the preprocessing cache {str(path)!r} ({error}): set data.cache_dir "
+                "to a writable folder."
+            ) from error
         return None
 
     def _good_cases(self, site: str) -> list[Case]:
@@ -181,9 +183,11 @@ class ProstateMRI(SiteFolderFederation):
         site_dir = self.root / site
         cases = find_cases(site_dir)
         if not cases:
-            raise DataError(f"Site folder {str(site_dir)!r} holds no volumes: expected CaseNN{VOLUME_SUFFIX} files "
-                            f"with masks CaseNN_segmentation{VOLUME_SUFFIX}; point data.root at the folder holding "
-                            "one folder per site.")
+            raise DataError(
+                f"Site folder {str(site_dir)!r} holds no volumes: expected CaseNN{VOLUME_SUFFIX} files "
+                f"with masks CaseNN_segmentation{VOLUME_SUFFIX}; point data.root at the folder holding "
+                "one folder per site."
+            )
         good, self.skipped[site] = keep_good_samples(
             site, cases, lambda case: self._cache_case(site, case), lambda case: str(case.volume), self.on_bad_sample
         )
@@ -219,8 +223,10 @@ class ProstateMRI(SiteFolderFederation):
     def _setup_site(self, site: str) -> None:
         cases = self._good_cases(site)
         if self.split_mode == "patient" and len(cases) < 3:
-            raise DataError(f"Site {site!r} has {len(cases)} usable case(s) in {str(self.root / site)!r}: a patient "
-                            "split needs at least 3 (one per split); add cases or leave the site out (data.sites).")
+            raise DataError(
+                f"Site {site!r} has {len(cases)} usable case(s) in {str(self.root / site)!r}: a patient "
+                "split needs at least 3 (one per split); add cases or leave the site out (data.sites)."
+            )
         loaded = [self._load_case(site, case) for case in cases]
         images = torch.cat([inputs for inputs, _, _ in loaded])
         masks = torch.cat([labels for _, labels, _ in loaded])

@@ -74,8 +74,9 @@ def _read_split_csv(path: Path, images: dict[str, Path]) -> dict[str, Split]:
         reader = csv.DictReader(handle)
         missing = {"image", "split"} - set(reader.fieldnames or [])
         if missing:
-            raise DataError(f"{path}: no column(s) {sorted(missing)}; the header must be 'image,split', "
-                            f"got {reader.fieldnames}.")
+            raise DataError(
+                f"{path}: no column(s) {sorted(missing)}; the header must be 'image,split', got {reader.fieldnames}."
+            )
         for row in reader:
             line = reader.line_num  # the file's line, blank lines included
             name, split = (row["image"] or "").strip(), (row["split"] or "").strip()
@@ -88,8 +89,10 @@ def _read_split_csv(path: Path, images: dict[str, Path]) -> dict[str, Split]:
             splits[stem_of[name]] = split
     unlisted = [images[stem].name for stem in images if stem not in splits]
     if unlisted:
-        raise DataError(f"{path} gives no split for {len(unlisted)} image(s): {', '.join(unlisted[:5])}"
-                        f"{', ...' if len(unlisted) > 5 else ''}; add a row for each.")
+        raise DataError(
+            f"{path} gives no split for {len(unlisted)} image(s): {', '.join(unlisted[:5])}"
+            f"{', ...' if len(unlisted) > 5 else ''}; add a row for each."
+        )
     return splits
 
 
@@ -124,12 +127,16 @@ class SegmentationFolders(SiteFolderFederation):
         super().__init__(root, sites, **options)
         check_at_least("patch_size", patch_size, 1)
         if (magnifications is None) != (target_magnification is None):
-            raise ValueError("data.magnifications and data.target_magnification go together: give both (resize every "
-                             "site to the target) or neither (no resizing).")
+            raise ValueError(
+                "data.magnifications and data.target_magnification go together: give both (resize every "
+                "site to the target) or neither (no resizing)."
+            )
         given = [*(magnifications or {}).values(), *([] if target_magnification is None else [target_magnification])]
         if any(value <= 0 for value in given):
-            raise ValueError(f"data.magnifications and data.target_magnification must be > 0, got "
-                             f"{magnifications} and {target_magnification}.")
+            raise ValueError(
+                f"data.magnifications and data.target_magnification must be > 0, got "
+                f"{magnifications} and {target_magnification}."
+            )
         check_at_least("max_patches_per_split", max_patches_per_split, 1, nullable=True)
         self.patch_size = patch_size
         self.magnifications = magnifications
@@ -159,8 +166,10 @@ class SegmentationFolders(SiteFolderFederation):
             return dict.fromkeys(sites, 1.0)
         missing = [site for site in sites if site not in self.magnifications]
         if missing:
-            raise DataError(f"data.magnifications gives no magnification for site(s) {missing}: give every site's "
-                            f"(the sites are {sites}) or none.")
+            raise DataError(
+                f"data.magnifications gives no magnification for site(s) {missing}: give every site's "
+                f"(the sites are {sites}) or none."
+            )
         unknown = sorted(set(self.magnifications) - set(sites))
         if unknown:
             raise DataError(f"data.magnifications names {unknown}, which are not sites; the sites are {sites}.")
@@ -174,20 +183,26 @@ class SegmentationFolders(SiteFolderFederation):
         images: dict[str, Path] = {}
         for path in list_images(images_dir):
             if path.stem in images:
-                raise DataError(f"{images[path.stem]} and {path} share the stem {path.stem!r}; masks pair with "
-                                "images by stem: rename or remove one.")
+                raise DataError(
+                    f"{images[path.stem]} and {path} share the stem {path.stem!r}; masks pair with "
+                    "images by stem: rename or remove one."
+                )
             images[path.stem] = path
         if not images:
             raise DataError(f"Site {site!r}: no image files ({', '.join(IMAGE_SUFFIXES)}) in {images_dir}.")
         masks: dict[str, Path] = {}
         for path in list_images(masks_dir):
             if path.suffix.lower() not in MASK_SUFFIXES:
-                raise DataError(f"{path}: masks must be lossless ({', '.join(MASK_SUFFIXES)}); JPEG compression "
-                                "alters labels. Save it as .png or .tif.")
+                raise DataError(
+                    f"{path}: masks must be lossless ({', '.join(MASK_SUFFIXES)}); JPEG compression "
+                    "alters labels. Save it as .png or .tif."
+                )
             stem = path.stem if path.stem in images else path.stem.removesuffix(MASK_TAG)
             if stem not in images:
-                raise DataError(f"{path} matches no image in {images_dir}: a mask of X.png is named X.<ext> or "
-                                f"X{MASK_TAG}.<ext> ({', '.join(MASK_SUFFIXES)}).")
+                raise DataError(
+                    f"{path} matches no image in {images_dir}: a mask of X.png is named X.<ext> or "
+                    f"X{MASK_TAG}.<ext> ({', '.join(MASK_SUFFIXES)})."
+                )
             if stem in masks:
                 raise DataError(f"{masks[stem]} and {path} are both masks of {images[stem]}: keep one.")
             masks[stem] = path
@@ -207,8 +222,10 @@ class SegmentationFolders(SiteFolderFederation):
         assert pair.mask is not None  # a pair without a mask is a bad sample, never read
         image, mask = read_image(pair.image), read_mask(pair.mask)
         if mask.shape != image.shape[1:]:
-            raise DataError(f"its mask {pair.mask} is {tuple(mask.shape)} (H, W) but the image is "
-                            f"{tuple(image.shape[1:])}; a mask must cover its image pixel for pixel")
+            raise DataError(
+                f"its mask {pair.mask} is {tuple(mask.shape)} (H, W) but the image is "
+                f"{tuple(image.shape[1:])}; a mask must cover its image pixel for pixel"
+            )
         if factor != 1.0:
             image, mask = rescale(image, mask, factor)
         image = image.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
@@ -226,25 +243,32 @@ class SegmentationFolders(SiteFolderFederation):
             # Decoding is the only full integrity check (PIL's verify() passes truncated TIFF and JPEG files), so
             # checking a pair loads it, and the patches of the good ones are kept.
             if pair.mask is None:
-                return (f"no mask in {pair.image.parent.parent / 'masks'} (expected {pair.image.stem}.<ext> or "
-                        f"{pair.image.stem}{MASK_TAG}.<ext>, ext one of {', '.join(MASK_SUFFIXES)})")
+                return (
+                    f"no mask in {pair.image.parent.parent / 'masks'} (expected {pair.image.stem}.<ext> or "
+                    f"{pair.image.stem}{MASK_TAG}.<ext>, ext one of {', '.join(MASK_SUFFIXES)})"
+                )
             try:
                 patches[pair.image.stem] = self._patches(pair, factor)
             except DataError as error:
                 return str(error).rstrip(".")  # keep_good_samples ends the sentence
             return None
 
-        good, self.skipped[site] = keep_good_samples(site, pairs, problem_of, lambda pair: pair.image.name,
-                                                     self.on_bad_sample)
+        good, self.skipped[site] = keep_good_samples(
+            site, pairs, problem_of, lambda pair: pair.image.name, self.on_bad_sample
+        )
         datasets: dict[Split, PatchDataset] = {}
         for split in SPLITS:
             chosen = [patches[pair.image.stem] for pair in good if splits[pair.image.stem] == split]
             if not chosen:
                 split_file = self.root / site / SPLIT_FILE
-                fix = (f"list some as {split!r} in {split_file}" if split_file.is_file()
-                       else f"add images, change data.fractions {self.fractions} or give the site a {SPLIT_FILE}")
-                raise DataError(f"Site {site!r} has no images in its {split!r} split ({len(good)} usable of "
-                                f"{len(pairs)}): {fix}.")
+                fix = (
+                    f"list some as {split!r} in {split_file}"
+                    if split_file.is_file()
+                    else f"add images, change data.fractions {self.fractions} or give the site a {SPLIT_FILE}"
+                )
+                raise DataError(
+                    f"Site {site!r} has no images in its {split!r} split ({len(good)} usable of {len(pairs)}): {fix}."
+                )
             images, masks = torch.cat([c[0] for c in chosen]), torch.cat([c[1] for c in chosen])
             if self.max_patches_per_split is not None and len(masks) > self.max_patches_per_split:
                 stream = named_generator("harmofl-folders", self.seed, site, split)

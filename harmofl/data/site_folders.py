@@ -1,12 +1,12 @@
 """Bring-your-own classification sites: one folder per site, each with its ``labels.csv``::
 
-    root/
-      site_a/
-        labels.csv        # columns image,label[,split]
-        images/0001.png   # any path relative to the site folder, any format read_image reads
-      site_b/
-        labels.csv
-        ...
+root/
+  site_a/
+    labels.csv        # columns image,label[,split]
+    images/0001.png   # any path relative to the site folder, any format read_image reads
+  site_b/
+    labels.csv
+    ...
 """
 
 from __future__ import annotations
@@ -61,24 +61,33 @@ class SiteFolders(ImageFileFederation):
         return {site: self._site_files(site, root / site) for site in sites}
 
     def _site_files(self, site: str, folder: Path) -> ClientFiles:
-        table = read_csv(require_file(folder / "labels.csv", f"Labels file of site {site!r}"),
-                         required=("image", "label"), optional=("split",))
+        table = read_csv(
+            require_file(folder / "labels.csv", f"Labels file of site {site!r}"),
+            required=("image", "label"),
+            optional=("split",),
+        )
         labels = table.integers("label")
         if (labels < 0).any():
             first = int(np.argmax(labels < 0))
-            raise DataError(f"{table.path}, line {table.lines[first]}: label {labels[first]} is negative; labels "
-                            "are class indices 0, 1, ...")
+            raise DataError(
+                f"{table.path}, line {table.lines[first]}: label {labels[first]} is negative; labels "
+                "are class indices 0, 1, ..."
+            )
         if "split" in table.columns:
             names = table.columns["split"]
             codes = np.select([np.asarray(names) == split for split in SPLITS], list(range(len(SPLITS))), default=-1)
             if (codes < 0).any():
                 first = int(np.argmax(codes < 0))
-                raise DataError(f"{table.path}, line {table.lines[first]}: unknown split {names[first]!r}; "
-                                f"expected one of {', '.join(SPLITS)} (or no split column to split by fractions).")
+                raise DataError(
+                    f"{table.path}, line {table.lines[first]}: unknown split {names[first]!r}; "
+                    f"expected one of {', '.join(SPLITS)} (or no split column to split by fractions)."
+                )
         else:
             codes = split_groups(np.arange(len(labels)), len(labels), self.fractions, site_rng(self.seed, site))
         return ClientFiles(folder, encode_paths(table.columns["image"]), labels, rows_by_code(codes))
 
     def _empty_split_hint(self, split: Split) -> str:
-        return (f"Give that site rows with split {split!r} in labels.csv, or, without a split column, more "
-                f"images or other data.fractions (now {self.fractions}).")
+        return (
+            f"Give that site rows with split {split!r} in labels.csv, or, without a split column, more "
+            f"images or other data.fractions (now {self.fractions})."
+        )

@@ -209,9 +209,7 @@ def synthesize_tissue(tumour: Tensor, size: int, generator: torch.Generator) -> 
     fibres = filtered_noise(batch, size, 7.0 * px, 0.8 * px, _uniform((batch,), 0.0, math.pi, generator), generator)
     cellularity = filtered_noise(batch, size, 10.0 * px, 10.0 * px, torch.zeros(batch), generator)
     # Clefts, fat and lumina: the upper tail of a smooth field leaves unstained spaces.
-    spaces = torch.sigmoid(
-        (filtered_noise(batch, size, 6.0 * px, 6.0 * px, torch.zeros(batch), generator) - 1.4) * 5.0
-    )
+    spaces = torch.sigmoid((filtered_noise(batch, size, 6.0 * px, 6.0 * px, torch.zeros(batch), generator) - 1.4) * 5.0)
     nests = Regions.draw(tumour, generator)
     aggregates = Regions.draw(torch.rand(batch, generator=generator) < AGGREGATE_PROBABILITY, generator)
     # Clusters of cells fill the tissue they occupy: no spaces inside them.

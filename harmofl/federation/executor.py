@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Protocol, Union
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
@@ -21,7 +21,7 @@ from harmofl.federation.runner import ClientUpdate, Metrics
 if TYPE_CHECKING:
     from harmofl.trainer import FederatedTrainer
 
-Outcome = Union[ClientUpdate, ClientFailure]
+Outcome = ClientUpdate | ClientFailure
 Results = dict[str, dict[str, Metrics]]
 
 
@@ -47,7 +47,9 @@ class Executor(Protocol):
         """The clients whose records this process keeps (its part of a checkpoint)."""
         ...
 
-    def train(self, round_idx: int, participants: list[str], shared: Mapping[str, Tensor]) -> Iterator[tuple[str, Outcome]]:
+    def train(
+        self, round_idx: int, participants: list[str], shared: Mapping[str, Tensor]
+    ) -> Iterator[tuple[str, Outcome]]:
         """Train this process's share of ``participants`` from the global ``shared`` weights: each client's checked
         update, or the failure for which it is skipped (the failure policy applied). An update's state may be live
         (valid until the next item is drawn)."""
@@ -84,7 +86,9 @@ class InProcessExecutor:
         """The clients this process evaluates and those it trains (the pooled one)."""
         return list(dict.fromkeys(self.my_clients + self.my_trainees))
 
-    def train(self, round_idx: int, participants: list[str], shared: Mapping[str, Tensor]) -> Iterator[tuple[str, Outcome]]:
+    def train(
+        self, round_idx: int, participants: list[str], shared: Mapping[str, Tensor]
+    ) -> Iterator[tuple[str, Outcome]]:
         for client in (c for c in self.my_trainees if c in participants):
             yield client, self._train_under_policy(client, round_idx, shared)
 
@@ -108,7 +112,4 @@ class InProcessExecutor:
                 attempt += 1
 
     def evaluate(self, splits: tuple[Split, ...]) -> Results:
-        return {
-            client: self.runner.evaluate(client, self.trainer.global_state, splits) for client in self.my_clients
-        }
-
+        return {client: self.runner.evaluate(client, self.trainer.global_state, splits) for client in self.my_clients}

@@ -48,7 +48,9 @@ class FailurePolicy:
         """Whether a failure can be survived (retried or skipped): only then is a client's state saved to roll back."""
         return self.retries > 0 or self.action == "skip"
 
-    def retry(self, client: str, round_idx: int, attempt: int, error: BaseException | str, noun: str = "client") -> bool:
+    def retry(
+        self, client: str, round_idx: int, attempt: int, error: BaseException | str, noun: str = "client"
+    ) -> bool:
         """Decide after ``client``'s attempt ``attempt`` (0-based) failed with ``error``: True to try again, False
         to skip it this round; under ``raise``, after the last retry, raise (an exception is re-raised with a note
         naming the client and round)."""

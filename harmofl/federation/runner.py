@@ -9,15 +9,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.fabric import Fabric
 from torch import Tensor
-from torch.optim import Optimizer
 
-from harmofl.clients.base import FederatedClient
 from harmofl.data.base import FederatedDataModule, Split
-from harmofl.federation.store import ClientStore
 from harmofl.federation.topology import POOLED_CLIENT
-from harmofl.validation import UpdateGuard
 
 if TYPE_CHECKING:
     from harmofl.trainer import FederatedTrainer
@@ -36,39 +31,22 @@ class ClientUpdate:
 
 
 class LocalRunner:
-    """Trains and evaluates one client at a time on the one model of this process.
+    """Trains and evaluates one client at a time on the one model of ``trainer``'s process.
 
-    Every hook is fired through ``fabric.call`` with ``trainer`` (the callbacks' view of the run) and the module.
+    It uses the trainer's Fabric (device, precision, callbacks: every hook is fired with ``trainer`` and the
+    module), module and optimizer, client store, update guard and local work (``local_epochs`` / ``local_steps``).
 
     Args:
-        trainer: the trainer the callbacks receive.
-        fabric: this process's Fabric (device, precision, callbacks).
-        module: the client module, set up by ``fabric``; ``fabric_module`` is its Fabric wrapper.
-        optimizer: the module's optimizer, set up by ``fabric``.
+        trainer: the set-up trainer (:meth:`~harmofl.trainer.FederatedTrainer.setup_model`).
         datamodule: the clients' data.
-        store: the clients' records.
-        guard: the server's checks of an update, also applied where the client trains.
-        local_epochs, local_steps: a client's local work per round (epochs, or a fixed number of steps).
         pooled_clients: the clients whose data the pooled client trains on.
     """
 
-    def __init__(
-        self,
-        trainer: FederatedTrainer,
-        fabric: Fabric,
-        module: FederatedClient,
-        fabric_module: Any,
-        optimizer: Optimizer,
-        datamodule: FederatedDataModule,
-        store: ClientStore,
-        guard: UpdateGuard,
-        local_epochs: int,
-        local_steps: int | None,
-        pooled_clients: list[str],
-    ) -> None:
-        self.trainer, self.fabric, self.module, self.fabric_module = trainer, fabric, module, fabric_module
-        self.optimizer, self.datamodule, self.store, self.guard = optimizer, datamodule, store, guard
-        self.local_epochs, self.local_steps, self.pooled_clients = local_epochs, local_steps, pooled_clients
+    def __init__(self, trainer: FederatedTrainer, datamodule: FederatedDataModule, pooled_clients: list[str]) -> None:
+        self.trainer, self.datamodule, self.pooled_clients = trainer, datamodule, pooled_clients
+        self.fabric, self.module, self.fabric_module = trainer.fabric, trainer.module, trainer.fabric_module
+        self.optimizer, self.store, self.guard = trainer.optimizer, trainer.store, trainer.guard
+        self.local_epochs, self.local_steps = trainer.local_epochs, trainer.local_steps
         self.current_client: str | None = None
 
     def train(

@@ -19,13 +19,8 @@ from harmofl.server_optimizers import ServerOptimizer
 SUPPORTED_PRECISION = ("32-true", "bf16-mixed")
 
 
-def check_settings(
-    rounds: int, local_epochs: int, local_steps: int | None, devices: int, precision: str,
-    client_weighting: aggregation.ClientWeighting, clients_per_round: int | float | None, pool_clients: bool,
-    local_modules: list[str] | None, aggregator: Aggregator, server_optimizer: ServerOptimizer,
-) -> None:
-    """Refuse bad trainer settings before any work, naming the key and what is allowed (the components check
-    their own: :class:`FailurePolicy`, :class:`UpdateGuard`, the aggregators and server optimizers)."""
+def check_run_settings(rounds: int, local_epochs: int, local_steps: int | None, devices: int, precision: str) -> None:
+    """Refuse bad rounds, local work, devices or precision before any work, naming the key and what is allowed."""
     for name, value in (("rounds", rounds), ("local_epochs", local_epochs), ("devices", devices)):
         _check_positive(f"trainer.{name}", value)
     if local_steps is not None:
@@ -36,6 +31,18 @@ def check_settings(
             "perturbation step runs two backward passes by hand, which Lightning's 16-bit gradient scaler "
             "does not see; bf16-mixed needs no scaler."
         )
+
+
+def check_strategy(
+    client_weighting: aggregation.ClientWeighting,
+    clients_per_round: int | float | None,
+    pool_clients: bool,
+    local_modules: list[str] | None,
+    aggregator: Aggregator,
+    server_optimizer: ServerOptimizer,
+) -> None:
+    """Refuse settings of the federated strategy that cannot work, or not together (the components check their
+    own values: the failure policy, the update guard, the aggregators and the server optimizers)."""
     aggregation.client_weights([1], client_weighting)  # validates the name
     check_participation(clients_per_round)
     if pool_clients and (local_modules or clients_per_round is not None):

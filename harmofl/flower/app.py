@@ -18,8 +18,9 @@ Node config (``flower-supernode --node-config``): ``site`` the client this node 
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, cast
+from typing import Any, cast
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -73,15 +74,25 @@ def run_server(grid: Grid, context: Context) -> None:
     config_name = Path(str(run_config["config"]).split(",")[-1].strip()).stem
     output_dir = str(run_config.get("output-dir") or Path("runs") / f"{config_name}-flower")
     # The server only aggregates and decides: one process, on the CPU.
-    args = configuration_args(run_config, [f"trainer.default_root_dir={output_dir}", "trainer.devices=1",
-                                           "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"])
+    args = configuration_args(
+        run_config,
+        [
+            f"trainer.default_root_dir={output_dir}",
+            "trainer.devices=1",
+            "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false",
+        ],
+    )
     cli = build(args)
     Path(output_dir).mkdir(parents=True, exist_ok=True)  # the configuration the run used, as `cli.py fit` keeps it
     cli.parser.save(cli.config, str(Path(output_dir) / "config.yaml"), skip_none=False, overwrite=True)
     reply_timeout = float(run_config.get("reply-timeout", 0))
-    executor = FlowerExecutor(grid, num_sites=int(run_config.get("num-sites", 2)),
-                              connect_timeout=float(run_config.get("connect-timeout", 300)),
-                              reply_timeout=reply_timeout if reply_timeout > 0 else None)
+    executor = FlowerExecutor(
+        grid,
+        num_sites=int(run_config.get("num-sites", 2)),
+        connect_timeout=float(run_config.get("connect-timeout", 300)),
+        reply_timeout=reply_timeout if reply_timeout > 0 else None,
+    )
     trainer(cli).fit(cli.model, executor=executor)
 
 
@@ -95,8 +106,12 @@ def local_dp(message: Message, context: Context, call_next: Callable[[Message, C
     if clipping_norm <= 0 or message.metadata.message_type != "train":
         return call_next(message, context)
     sensitivity = float(context.run_config.get("local-dp-sensitivity", 0.0)) or clipping_norm  # 0: the clip bound
-    mod = LocalDpMod(clipping_norm, sensitivity,
-                     float(context.run_config["local-dp-epsilon"]), float(context.run_config["local-dp-delta"]))
+    mod = LocalDpMod(
+        clipping_norm,
+        sensitivity,
+        float(context.run_config["local-dp-epsilon"]),
+        float(context.run_config["local-dp-delta"]),
+    )
     return mod(message, context, call_next)
 
 

@@ -76,7 +76,9 @@ class FlowerExecutor:
         """None: every site keeps its own record."""
         return []
 
-    def train(self, round_idx: int, participants: list[str], shared: Mapping[str, Tensor]) -> Iterator[tuple[str, Outcome]]:
+    def train(
+        self, round_idx: int, participants: list[str], shared: Mapping[str, Tensor]
+    ) -> Iterator[tuple[str, Outcome]]:
         """Every participant trains at its site, all at once; failed sites are asked again under the failure policy
         (from the same weights and seed)."""
         trainer = self.trainer
@@ -86,16 +88,17 @@ class FlowerExecutor:
         pending, attempt = list(participants), 0
         while pending:
             instructions = {
-                client: wire.train_instruction(broadcast, round_idx, trainer.federation.client_seed(round_idx, client),
-                                               requested)
+                client: wire.train_instruction(
+                    broadcast, round_idx, trainer.federation.client_seed(round_idx, client), requested
+                )
                 for client in pending
             }
             replies = self._exchange_with_sites(instructions, MessageType.TRAIN, group=f"round-{round_idx + 1}")
             for client in pending:
                 outcomes[client] = self._read_update(client, replies.get(client), shared, requested)
-            failed = [client for client in pending if isinstance(outcomes[client], ClientFailure)]
-            pending = [client for client in failed if trainer.failure_policy.retry(
-                client, round_idx, attempt, outcomes[client].error, self.client_noun)]  # type: ignore[union-attr]
+            failed = {c: o.error for c in pending if isinstance(o := outcomes[c], ClientFailure)}
+            policy = trainer.failure_policy
+            pending = [c for c, error in failed.items() if policy.retry(c, round_idx, attempt, error, self.client_noun)]
             attempt += 1
         for client in participants:
             yield client, outcomes[client]
@@ -124,8 +127,9 @@ class FlowerExecutor:
         round_number = self.trainer.current_round + 1
         instruction = wire.evaluate_instruction(self._broadcast(self.trainer.shared_global_state()), splits)
         sites = self.trainer.federation.client_names
-        replies = self._exchange_with_sites({client: instruction for client in sites}, MessageType.EVALUATE,
-                                            group=f"evaluate-{round_number}")
+        replies = self._exchange_with_sites(
+            dict.fromkeys(sites, instruction), MessageType.EVALUATE, group=f"evaluate-{round_number}"
+        )
         results = {}
         for client in sites:
             content = self._content_or_error(replies.get(client), f"site {client!r}")
@@ -172,16 +176,20 @@ class FlowerExecutor:
         states = {cb.state_key: cb.state_dict() for cb in self.trainer.federated_callbacks}
         return wire.broadcast_records(shared, states)
 
-    def _exchange_with_sites(self, contents: Mapping[str, RecordDict], message_type: str, group: str
-                             ) -> dict[str, Message]:
-        by_node = self._exchange({self.site_nodes[client]: content for client, content in contents.items()},
-                                 message_type, group)
+    def _exchange_with_sites(
+        self, contents: Mapping[str, RecordDict], message_type: str, group: str
+    ) -> dict[str, Message]:
+        by_node = self._exchange(
+            {self.site_nodes[client]: content for client, content in contents.items()}, message_type, group
+        )
         return {client: by_node[node] for client, node in self.site_nodes.items() if node in by_node}
 
     def _exchange(self, contents: Mapping[int, RecordDict], message_type: str, group: str) -> dict[int, Message]:
         """Send each node its content; the replies that arrive within the reply timeout, by node."""
-        messages = [Message(content=content, dst_node_id=node, message_type=message_type, group_id=group)
-                    for node, content in contents.items()]
+        messages = [
+            Message(content=content, dst_node_id=node, message_type=message_type, group_id=group)
+            for node, content in contents.items()
+        ]
         replies = self.grid.send_and_receive(messages, timeout=self.reply_timeout)
         return {reply.metadata.src_node_id: reply for reply in replies}
 

@@ -51,8 +51,9 @@ class FlowerSite:
         global_state = self._receive(shared)
         self.trainer.current_round = round_idx
         update = self.runner.train(self.site, global_state, shared, seed)
-        return ClientUpdate({key: to_host(update.state[key]) for key in self.shared_keys}, update.loss,
-                            update.num_steps)
+        return ClientUpdate(
+            {key: to_host(update.state[key]) for key in self.shared_keys}, update.loss, update.num_steps
+        )
 
     def evaluate(self, shared: Mapping[str, Tensor], splits: tuple[Split, ...]) -> dict[str, Metrics]:
         """The site's metrics of the server's model (with the site's local weights) on ``splits``."""

@@ -21,7 +21,8 @@ values only: a message cannot make the receiver run code).
 from __future__ import annotations
 
 import io
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -78,8 +79,9 @@ def broadcast_records(shared: Mapping[str, Tensor], server_state: Mapping[str, A
     return {**weight_records(shared), SERVER_STATE: blob_record(dict(server_state))}
 
 
-def train_instruction(broadcast: Mapping[str, Any], round_idx: int, seed: int, requested_states: list[str]
-                      ) -> RecordDict:
+def train_instruction(
+    broadcast: Mapping[str, Any], round_idx: int, seed: int, requested_states: list[str]
+) -> RecordDict:
     """The content of a ``train`` message: train from ``broadcast`` in round ``round_idx`` (0-based) with ``seed``."""
     config = ConfigRecord({"round": round_idx, "seed": seed, "client-states": ",".join(requested_states)})
     return RecordDict({**broadcast, CONFIG: config})
@@ -90,8 +92,9 @@ def evaluate_instruction(broadcast: Mapping[str, Any], splits: tuple[str, ...]) 
     return RecordDict({**broadcast, CONFIG: ConfigRecord({"splits": ",".join(splits)})})
 
 
-def train_reply(update: Mapping[str, Tensor], loss: float, num_steps: int, client_states: Mapping[str, Any]
-                ) -> RecordDict:
+def train_reply(
+    update: Mapping[str, Tensor], loss: float, num_steps: int, client_states: Mapping[str, Any]
+) -> RecordDict:
     records: dict[str, Any] = {**weight_records(update), METRICS: MetricRecord({"loss": loss, "num-steps": num_steps})}
     if client_states:
         records[CLIENT_STATE] = blob_record(dict(client_states))

@@ -54,10 +54,7 @@ class _DenseLayer(nn.Sequential):
 
 def _dense_block(num_layers: int, in_features: int, norm: str) -> nn.Sequential:
     return nn.Sequential(
-        OrderedDict(
-            (f"denselayer{i + 1}", _DenseLayer(in_features + i * GROWTH_RATE, norm))
-            for i in range(num_layers)
-        )
+        OrderedDict((f"denselayer{i + 1}", _DenseLayer(in_features + i * GROWTH_RATE, norm)) for i in range(num_layers))
     )
 
 

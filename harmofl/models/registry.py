@@ -8,7 +8,8 @@ downloaded: timm models are built with ``pretrained=False`` and smp encoders wit
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import segmentation_models_pytorch as smp
 import timm
@@ -92,9 +93,7 @@ def create_segmenter(name: str, num_classes: int, in_chans: int = 3, **kwargs: A
     if name in _SEGMENTERS:
         return _SEGMENTERS[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
     if _is_smp_encoder(name):
-        return smp.Unet(
-            encoder_name=name, encoder_weights=None, in_channels=in_chans, classes=num_classes, **kwargs
-        )
+        return smp.Unet(encoder_name=name, encoder_weights=None, in_channels=in_chans, classes=num_classes, **kwargs)
     raise ValueError(
         f"Unknown segmenter {name!r}; use one of {sorted(_SEGMENTERS)}, an encoder in "
         f"segmentation_models_pytorch.encoders.get_encoder_names(), or '{_SMP_TIMM_PREFIX}<timm model name>'."

@@ -55,8 +55,7 @@ class HarmoFLUNet(nn.Module):
         super().__init__()
         if min(num_classes, in_chans, base_features) < 1:
             raise ValueError(
-                "num_classes, in_chans and base_features must be >= 1, "
-                f"got {num_classes}, {in_chans}, {base_features}."
+                f"num_classes, in_chans and base_features must be >= 1, got {num_classes}, {in_chans}, {base_features}."
             )
         widths = [base_features * 2**level for level in range(NUM_LEVELS)]
         in_widths = [in_chans, *widths[:-1]]
@@ -80,8 +79,7 @@ class HarmoFLUNet(nn.Module):
         height, width = x.shape[-2:]
         if height % DOWNSAMPLING or width % DOWNSAMPLING:
             raise ValueError(
-                f"HarmoFLUNet needs H and W divisible by {DOWNSAMPLING}, got {height}×{width}; "
-                "pad or crop the input."
+                f"HarmoFLUNet needs H and W divisible by {DOWNSAMPLING}, got {height}×{width}; pad or crop the input."
             )
         skips = []
         for i in range(1, NUM_LEVELS + 1):
