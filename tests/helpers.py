@@ -12,6 +12,11 @@ from harmofl.clients import ClassificationClient, SegmentationClient
 from harmofl.data import DemoHistology, DemoNuclei
 
 REPO = Path(__file__).resolve().parents[1]
+# The demo at a Flower test's size: 2 sites, 32x32 patches, 2 rounds (run-config overrides, `key=value`).
+FLOWER_TINY = (
+    "trainer.rounds=2 data.init_args.num_sites=2 data.init_args.train_per_site=32 data.init_args.val_per_site=16 "
+    "data.init_args.test_per_site=16 data.init_args.image_size=32 data.init_args.batch_size=16"
+)
 SGD = functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=1e-4)
 
 

@@ -21,13 +21,10 @@ from harmofl.flower import FlowerExecutor, app, wire
 from harmofl.reporting import read_metrics_csv
 from harmofl.trainer import FederatedTrainer
 
+from helpers import FLOWER_TINY
+
 SERVER_NODE = 0
 NO_REPLY = "no reply"  # a LocalGrid failure that drops the reply, as a site that never answers
-# The demo at a test's size: 2 sites, 32x32 patches, 2 rounds.
-TINY = (
-    "trainer.rounds=2 data.init_args.num_sites=2 data.init_args.train_per_site=32 data.init_args.val_per_site=16 "
-    "data.init_args.test_per_site=16 data.init_args.image_size=32 data.init_args.batch_size=16"
-)
 
 
 class LocalGrid(Grid):
@@ -83,7 +80,9 @@ class LocalGrid(Grid):
         return replies
 
 
-def run_flower(tmp_path: Path, overrides: str = TINY, sites=("site_0", "site_1"), fail=None, **run_config) -> LocalGrid:
+def run_flower(
+    tmp_path: Path, overrides: str = FLOWER_TINY, sites=("site_0", "site_1"), fail=None, **run_config
+) -> LocalGrid:
     run_config = {
         "config": "configs/demo.yaml",
         "overrides": overrides,
@@ -100,7 +99,7 @@ def run_flower(tmp_path: Path, overrides: str = TINY, sites=("site_0", "site_1")
     return grid
 
 
-def run_in_process(tmp_path: Path, overrides: str = TINY) -> Path:
+def run_in_process(tmp_path: Path, overrides: str = FLOWER_TINY) -> Path:
     run_config = {"config": "configs/demo.yaml", "overrides": overrides}
     folder = tmp_path / "in_process"
     cli = build(
@@ -112,7 +111,7 @@ def run_in_process(tmp_path: Path, overrides: str = TINY) -> Path:
 
 def test_flower_run_equals_the_in_process_run(tmp_path):
     # FedBN-style local norms on top of HarmoFL: local keys and the amplitude target are both exercised.
-    overrides = TINY + " trainer.local_modules=[norm]"
+    overrides = FLOWER_TINY + " trainer.local_modules=[norm]"
     run_flower(tmp_path, overrides)
     reference = run_in_process(tmp_path, overrides)
     flower = load_checkpoint(tmp_path / "flower" / "checkpoints" / "last.ckpt")
@@ -136,7 +135,7 @@ def test_held_out_site_sampling_and_server_momentum_as_in_process(tmp_path):
     # 3 sites of different sizes, one held out (evaluates only), 1 of the other 2 sampled per round, weights by
     # data size, server momentum, harmonization target shared every round.
     overrides = (
-        TINY.replace("data.init_args.num_sites=2", "data.init_args.num_sites=3")
+        FLOWER_TINY.replace("data.init_args.num_sites=2", "data.init_args.num_sites=3")
         + " trainer.held_out_clients=[site_2] trainer.clients_per_round=1 trainer.client_weighting=samples"
         " trainer.server_optimizer=harmofl.server_optimizers.FedAvgM"
         " trainer.callbacks.init_args.share_target=every_round"
@@ -157,7 +156,7 @@ def test_held_out_site_sampling_and_server_momentum_as_in_process(tmp_path):
 
 
 def test_only_shared_weights_and_the_round_one_target_cross_the_network(tmp_path):
-    grid = run_flower(tmp_path, TINY + " trainer.local_modules=[norm]")
+    grid = run_flower(tmp_path, FLOWER_TINY + " trainer.local_modules=[norm]")
     cli = build(app.configuration_args(grid.contexts[1].run_config, ["trainer.enable_progress_bar=false"]))
     names = dict(cli.model.named_modules())
     norm_keys = {
@@ -202,7 +201,7 @@ def test_only_shared_weights_and_the_round_one_target_cross_the_network(tmp_path
 
 
 def test_site_state_stays_at_the_site_between_rounds(tmp_path):
-    grid = run_flower(tmp_path, TINY + " trainer.local_modules=[norm]")
+    grid = run_flower(tmp_path, FLOWER_TINY + " trainer.local_modules=[norm]")
     for context in grid.contexts.values():
         state = wire.read_blob(context.state, app.SITE_STATE)
         assert state["record"]["local_state"] and state["record"]["optimizer_state"]["state"]
@@ -211,7 +210,7 @@ def test_site_state_stays_at_the_site_between_rounds(tmp_path):
 
 def test_a_failing_site_is_skipped_or_stops_the_run(tmp_path):
     fail = {("train", "round-2", 2): "OSError: disk read failed"}
-    grid = run_flower(tmp_path, TINY + " trainer.client_failure=skip", fail=fail)
+    grid = run_flower(tmp_path, FLOWER_TINY + " trainer.client_failure=skip", fail=fail)
     checkpoint = load_checkpoint(tmp_path / "flower" / "checkpoints" / "last.ckpt")
     assert checkpoint["failures"] == [
         {"round": 2, "client": "site_1", "error": "site 'site_1' raised OSError: disk read failed"}
@@ -233,7 +232,7 @@ def test_a_failing_site_is_skipped_or_stops_the_run(tmp_path):
 def test_a_site_that_does_not_answer_in_time_has_failed(tmp_path, caplog):
     run_flower(
         tmp_path,
-        TINY + " trainer.client_failure=skip",
+        FLOWER_TINY + " trainer.client_failure=skip",
         fail={("train", "round-1", 1): NO_REPLY},
         **{"reply-timeout": 30},
     )
@@ -256,7 +255,7 @@ def test_a_retried_site_gives_the_fault_free_run(tmp_path):
 
     flaky = FlakyOnce()
     flaky.get_called = False
-    run_flower(tmp_path / "flaky", TINY + " trainer.client_retries=1", fail=flaky)
+    run_flower(tmp_path / "flaky", FLOWER_TINY + " trainer.client_retries=1", fail=flaky)
     clean = load_checkpoint(tmp_path / "clean" / "flower" / "checkpoints" / "last.ckpt")
     retried = load_checkpoint(tmp_path / "flaky" / "flower" / "checkpoints" / "last.ckpt")
     for key, value in clean["global_state"].items():
@@ -268,7 +267,7 @@ def test_local_dp_clips_each_site_update(tmp_path):
     # A huge epsilon: (almost) no noise, so the clipping shows exactly.
     grid = run_flower(
         tmp_path,
-        TINY.replace("trainer.rounds=2", "trainer.rounds=1"),
+        FLOWER_TINY.replace("trainer.rounds=2", "trainer.rounds=1"),
         **{"local-dp-clipping-norm": clip, "local-dp-epsilon": 1e12, "local-dp-delta": 1e-5},
     )
     for message, reply in grid.traffic:
@@ -297,7 +296,7 @@ def test_configuration_errors_name_the_setting(tmp_path):
     with pytest.raises(ValueError, match=r"Callbacks \['Scaffold'\] keep per-client state"):
         run_flower(tmp_path, config="configs/demo.yaml,configs/strategies/scaffold.yaml")
     with pytest.raises(ValueError, match="pool_clients"):
-        run_flower(tmp_path, TINY + " trainer.pool_clients=true")
+        run_flower(tmp_path, FLOWER_TINY + " trainer.pool_clients=true")
     server = FederatedTrainer(accelerator="cpu", enable_progress_bar=False)
     with pytest.raises(ValueError, match="cannot continue from a checkpoint"):
         server.fit(None, ckpt_path="last", executor=FlowerExecutor(LocalGrid([], {}), 1, 0, None))
