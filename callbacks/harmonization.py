@@ -11,6 +11,7 @@ from torch import Tensor
 
 from harmofl.amplitude import amplitude_spectrum, check_band, harmonize, update_running_amplitude
 from harmofl.federation.callback import FederatedCallback
+from harmofl.federation.store import to_host
 
 if TYPE_CHECKING:
     from harmofl.trainer import FederatedTrainer
@@ -135,7 +136,7 @@ class AmplitudeHarmonization(FederatedCallback):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "shared_target": _to_host(self.shared_target),
+            "shared_target": to_host(self.shared_target),
             "frozen": self.frozen,
             "band": self.band,
             "momentum": self.momentum,
@@ -152,7 +153,7 @@ class AmplitudeHarmonization(FederatedCallback):
         self.frozen = bool(state_dict["frozen"])
 
     def client_state_dict(self, client: str) -> dict[str, Any]:
-        return {"target": _to_host(self.client_targets.get(client))}
+        return {"target": to_host(self.client_targets.get(client))}
 
     def load_client_state_dict(self, client: str, state: dict[str, Any]) -> None:
         if state.get("target") is None:
@@ -174,7 +175,3 @@ def _images_of(batch: Any) -> Tensor:
 def _current_client(trainer: Trainer) -> str:
     # A FederatedTrainer names the client it runs; a plain Lightning Trainer trains one model, ``local``.
     return getattr(trainer, "current_client", None) or LOCAL_CLIENT
-
-
-def _to_host(tensor: Tensor | None) -> Tensor | None:
-    return None if tensor is None else tensor.detach().to("cpu", copy=True)

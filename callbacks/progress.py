@@ -55,7 +55,7 @@ class RoundProgressBar(Callback):
         mean = sum(values) / len(values) if values else float("nan")
         self._progress.console.print(
             f"round {round_idx + 1}/{trainer.rounds}: mean val {metric} {mean:.4f}"
-            + (f" (best round {trainer.record.best_round})" if trainer.record.best_round else "")
+            + (f" (best round {trainer.best_round})" if trainer.best_round else "")
         )
 
     def on_fit_end(self, trainer: Any, pl_module: LightningModule) -> None:
