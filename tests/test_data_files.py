@@ -1,4 +1,4 @@
-"""Reading site files: images, masks, integrity checks and the bad-sample policy."""
+"""Reading site files: images, masks, integrity checks and the bad-sample policy; the loaders' keyword-only options."""
 
 from pathlib import Path
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from harmofl.data import Camelyon17, DemoHistology, DemoNuclei, ProstateMRI, SegmentationFolders, SiteFolders
 from harmofl.data.checks import DataError, keep_good_samples, require_dir
 from harmofl.data.image_io import image_is_intact, read_image, read_mask
 
@@ -42,6 +43,8 @@ def test_corrupt_and_missing_files_are_named(tmp_path):
     assert image_is_intact(good) is None
     assert "corrupt" in image_is_intact(truncated)
     assert image_is_intact(tmp_path / "absent.png") == "file is missing"
+    assert image_is_intact(truncated, verify=False) is None  # existence only
+    assert image_is_intact(tmp_path / "absent.png", verify=False) == "file is missing"
     with pytest.raises(DataError, match="bad.png"):
         read_image(truncated)
     with pytest.raises(DataError, match="not a folder"):
@@ -57,3 +60,20 @@ def test_bad_samples_raise_by_default_and_are_counted_when_skipped(tmp_path):
         assert keep_good_samples("site", samples, problem, str, "skip") == (["a", "c"], 1)
     with pytest.raises(ValueError, match="'ignore'"):
         keep_good_samples("site", samples, problem, str, "ignore")
+
+
+@pytest.mark.parametrize(
+    ("cls", "leading"),
+    [
+        (DemoHistology, (2,)),
+        (DemoNuclei, (2,)),
+        (SiteFolders, ("/data", None)),
+        (SegmentationFolders, ("/data", None)),
+        (ProstateMRI, ("/data", None)),
+        (Camelyon17, ("/data", None)),
+    ],
+)
+def test_options_after_the_root_and_sites_are_keyword_only(cls, leading):
+    # An option passed by position would bind to whichever parameter now stands there: it must fail instead.
+    with pytest.raises(TypeError, match="positional argument"):
+        cls(*leading, 64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -272,6 +273,14 @@ def test_bad_data_fails_before_training_naming_the_file(fresh, damage) -> None:
     message = damage(fresh)
     with pytest.raises(DataError, match=message):
         _data(fresh, sites=["SiteA", "SiteB"] if damage is _missing_site else None)
+
+
+@pytest.mark.parametrize("sites", [[], ["SiteA", "SiteB", "SiteA"]])
+def test_an_empty_or_repeated_site_list_fails_at_construction_naming_it(tmp_path, sites) -> None:
+    # Checked before any file is read (the root does not even exist), not later at the trainer's client check.
+    expected = f"data.sites must name at least one site, each once, or be null (all), got {sites}."
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        ProstateMRI(root=str(tmp_path / "absent"), sites=sites)
 
 
 @pytest.mark.filterwarnings("ignore:Client .* skipped")

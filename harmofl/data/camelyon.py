@@ -97,6 +97,7 @@ class Camelyon17(ImageFileFederation):
         self,
         root: str,
         centers: list[int] | None = None,
+        *,
         split_mode: SplitMode = "reference",
         patient_fractions: Fractions = (0.6, 0.2, 0.2),
         truncate_to_smallest: bool = True,

@@ -45,6 +45,7 @@ def check_distinct(name: str, values: Sequence[object] | None, what: str) -> Non
 
 
 def check_bad_sample_policy(policy: str) -> BadSamplePolicy:
+    """``policy`` as a :data:`BadSamplePolicy`; a ValueError naming ``data.on_bad_sample`` unless error or skip."""
     check_choice("on_bad_sample", policy, ("error", "skip"))
     return policy  # type: ignore[return-value]
 
@@ -58,6 +59,7 @@ def require_dir(path: str | Path, what: str) -> Path:
 
 
 def require_file(path: str | Path, what: str) -> Path:
+    """``path`` as a Path if it is a file, else a :class:`DataError` saying what was expected there."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise DataError(f"{what} {str(file)!r} does not exist.")

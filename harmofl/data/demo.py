@@ -71,6 +71,7 @@ class _ProceduralFederation(FederatedDataModule):
     def __init__(
         self,
         num_sites: int = 4,
+        *,
         train_per_site: int = 192,
         val_per_site: int = 64,
         test_per_site: int = 64,

@@ -1,6 +1,6 @@
-"""The class path of :class:`SiteFolders` in configurations written before it moved to
-:mod:`harmofl.data.site_folders` (``harmofl.data.folders.SiteFolders``, as in ``configs/site_folders.yaml``);
-``harmofl.data.SiteFolders`` names it too."""
+"""``harmofl.data.folders.SiteFolders``: the class path of :class:`SiteFolders` before it moved to
+:mod:`harmofl.data.site_folders`, kept for the configurations written before the move (e.g. a run's saved
+``config.yaml``). New configurations, ``configs/site_folders.yaml`` among them, name it ``harmofl.data.SiteFolders``."""
 
 from __future__ import annotations
 

@@ -33,6 +33,11 @@ def encode_paths(paths: Sequence[str]) -> np.ndarray:
     return np.char.encode(np.asarray(paths, dtype=str), "utf-8")
 
 
+def decode_path(root: Path, files: np.ndarray, index: int) -> Path:
+    """Entry ``index`` of ``files`` (:func:`encode_paths`) as a path under ``root``."""
+    return root / files[index].decode("utf-8")
+
+
 class ImageFiles(Dataset):
     """Labelled image files read lazily: item ``i`` is ``(image [C, S, S] float in [0, 1], label long [])``.
 
@@ -57,7 +62,8 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def path(self, index: int) -> Path:
-        return self.root / self.files[index].decode("utf-8")
+        """The file of item ``index``."""
+        return decode_path(self.root, self.files, index)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         # read_image raises DataError naming the file if it became unreadable after the checks.
@@ -73,6 +79,10 @@ class ClientFiles:
     files: np.ndarray  # UTF-8 paths relative to root (encode_paths)
     labels: np.ndarray  # int64
     rows: dict[Split, np.ndarray]
+
+    def path(self, row: int) -> Path:
+        """The file of ``row``."""
+        return decode_path(self.root, self.files, row)
 
 
 class ImageFileFederation(FileFederation):
@@ -164,17 +174,14 @@ class ImageFileFederation(FileFederation):
     def _checked_rows(self, client: str, split: Split, files: ClientFiles) -> np.ndarray:
         """The rows of one client's split that are used: capped, then checked."""
         candidates = files.rows[split][: self.max_per_split].tolist()
-
-        def path(row: int) -> Path:
-            return files.root / files.files[row].decode("utf-8")
-
-        def problem(row: int) -> str | None:
-            # Decoding every image to check it is slow on large sets; verify_images=False keeps the existence check.
-            if self.verify_images:
-                return image_is_intact(path(row))
-            return None if path(row).is_file() else "file is missing"
-
-        good, skipped = keep_good_samples(client, candidates, problem, lambda row: str(path(row)), self.on_bad_sample)
+        # Decoding every image to check it is slow on large sets; verify_images=False keeps the existence check.
+        good, skipped = keep_good_samples(
+            client,
+            candidates,
+            lambda row: image_is_intact(files.path(row), self.verify_images),
+            lambda row: str(files.path(row)),
+            self.on_bad_sample,
+        )
         self.skipped[client] += skipped
         if not good:
             left_out = f" ({skipped} bad sample(s) left out)" if skipped else ""

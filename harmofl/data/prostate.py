@@ -97,6 +97,7 @@ class ProstateMRI(SiteFolderFederation):
         self,
         root: str,
         sites: list[str] | None = None,
+        *,
         context_slices: int = 1,
         slices: SliceSelection = "prostate",
         clip_percentile: float = 99.0,
@@ -234,8 +235,9 @@ class ProstateMRI(SiteFolderFederation):
         case_of = torch.repeat_interleave(torch.arange(len(cases)), torch.tensor([len(i) for _, _, i in loaded]))
 
         generator = named_generator("harmofl-prostate", self.seed, site)
-        for split, rows in zip(SPLITS, self._split(case_of, len(cases), generator)):
-            index = torch.from_numpy(rows)
+        rows = self._split(case_of, len(cases), generator)
+        for split in SPLITS:
+            index = torch.from_numpy(rows[split])
             if len(index) == 0:
                 raise DataError(
                     f"Site {site!r} ({str(self.root / site)!r}) has no slices in its {split} split ({len(cases)} "
@@ -248,14 +250,15 @@ class ProstateMRI(SiteFolderFederation):
             self._datasets[(site, split)] = TensorDataset(images[index], masks[index])
             self._origins[(site, split)] = [origins[i] for i in index.tolist()]
 
-    def _split(self, case_of: Tensor, num_cases: int, generator: torch.Generator) -> list[np.ndarray]:
-        """Indices of a site's train, val and test slices, given the case of each slice ``case_of [N]``."""
+    def _split(self, case_of: Tensor, num_cases: int, generator: torch.Generator) -> dict[Split, np.ndarray]:
+        """Indices of a site's slices per split, given the case of each slice ``case_of [N]``."""
         if self.split_mode == "slice":
             # The reference's split: all slices permuted together, each split in that permuted order.
-            return np.split(permutation(len(case_of), generator), reference_slice_bounds(len(case_of)))
+            order = permutation(len(case_of), generator)
+            return dict(zip(SPLITS, np.split(order, reference_slice_bounds(len(case_of)))))
         # Half-to-even rounding and at least one case per split: how this loader has always cut its cases.
         codes = split_groups(case_of.numpy(), num_cases, self.fractions, generator, "half_even", at_least_one=True)
-        return list(rows_by_code(codes).values())
+        return rows_by_code(codes)
 
     # -- lookup ----------------------------------------------------------------------------------------------
 

@@ -116,6 +116,7 @@ class SegmentationFolders(SiteFolderFederation):
         self,
         root: str,
         sites: list[str] | None = None,
+        *,
         patch_size: int = 256,
         magnifications: dict[str, float] | None = None,
         target_magnification: float | None = None,

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from harmofl.data.base import SPLITS, Split
-from harmofl.data.checks import DataError, check_distinct, require_dir, require_file
+from harmofl.data.checks import DataError, check_distinct, require_file
 from harmofl.data.csv_tables import read_csv
 from harmofl.data.image_files import ClientFiles, ImageFileFederation, encode_paths
-from harmofl.data.sites import find_site_folders
+from harmofl.data.sites import site_folders
 from harmofl.data.splits import Fractions, check_fractions, rows_by_code, site_rng, split_groups
 
 
@@ -45,6 +45,7 @@ class SiteFolders(ImageFileFederation):
         self,
         root: str,
         sites: list[str] | None = None,
+        *,
         image_size: int = 64,
         fractions: Fractions = (0.7, 0.15, 0.15),
         **options: Any,
@@ -56,9 +57,8 @@ class SiteFolders(ImageFileFederation):
         self.fractions = check_fractions(fractions, "fractions")
 
     def _client_files(self) -> dict[str, ClientFiles]:
-        root = require_dir(self.root, "Site-folders root")
-        sites = find_site_folders(root, self.sites, "each with labels.csv and its images")
-        return {site: self._site_files(site, root / site) for site in sites}
+        folders = site_folders(self.root, self.sites, "Site-folders root", "each with labels.csv and its images")
+        return {site: self._site_files(site, folder) for site, folder in folders.items()}
 
     def _site_files(self, site: str, folder: Path) -> ClientFiles:
         table = read_csv(

@@ -10,27 +10,28 @@ from harmofl.data.base import FileFederation
 from harmofl.data.checks import DataError, check_distinct, require_dir
 
 
-def find_site_folders(root: Path, sites: Sequence[str] | None, layout: str) -> list[str]:
-    """The site (client) folders under ``root``: ``sites`` in their order (each must exist), else every
-    non-hidden subfolder, sorted. ``layout`` says what a site folder holds, for the error messages."""
-    available = sorted(path.name for path in root.iterdir() if path.is_dir() and not path.name.startswith("."))
-    if sites is None:
-        if not available:
-            raise DataError(f"{str(root)!r} holds no site folders: put one folder per site there, {layout}.")
-        return available
-    missing = [site for site in sites if site not in available]
+def site_folders(root: str | Path, sites: Sequence[str] | None, description: str, layout: str) -> dict[str, Path]:
+    """The site (client) folders under ``root``, by name: ``sites`` in their order (each must exist), else every
+    non-hidden subfolder, sorted. ``description`` says what ``root`` is and ``layout`` what a site folder holds,
+    for the error messages."""
+    folder = require_dir(root, description)
+    available = sorted(path.name for path in folder.iterdir() if path.is_dir() and not path.name.startswith("."))
+    if sites is None and not available:
+        raise DataError(f"{str(folder)!r} holds no site folders: put one folder per site there, {layout}.")
+    names = available if sites is None else list(sites)
+    missing = [name for name in names if name not in available]
     if missing:
         raise DataError(
-            f"Site folder(s) {missing} not found under {str(root)!r}, which holds {available}: fix data.sites or "
+            f"Site folder(s) {missing} not found under {str(folder)!r}, which holds {available}: fix data.sites or "
             "data.root."
         )
-    return list(sites)
+    return {name: folder / name for name in names}
 
 
 class SiteFolderFederation(FileFederation):
     """Base class of the federations read from one folder per site under ``root``, a client per site folder.
 
-    The clients are found on first use of :attr:`client_names` (:func:`find_site_folders`).
+    The clients are found on first use of :attr:`client_names` (:func:`site_folders`).
 
     Args:
         root: the folder holding one folder per site.
@@ -52,5 +53,5 @@ class SiteFolderFederation(FileFederation):
     @property
     def client_names(self) -> list[str]:
         if self._clients is None:
-            self._clients = find_site_folders(require_dir(self.root, self.root_description), self.sites, self.layout)
+            self._clients = list(site_folders(self.root, self.sites, self.root_description, self.layout))
         return list(self._clients)
