@@ -11,7 +11,8 @@ may not be installed) and sets the environment those libraries read when they ar
 - **Workers.** :func:`run_worker` runs the calling script again, as ``script --worker-result FILE ARGS...``, and
   returns what the worker passed to :meth:`WorkerCall.save`; a script's entry point is ``run(driver, worker)``.
   Fabric starts its extra processes by re-running the same command line, so they are workers too; only rank 0
-  saves.
+  saves. Every child runs in a process group of its own (:func:`process_group`, :func:`run_process`), killed
+  whole on a timeout or Ctrl-C, and when it ends, so that none of Fabric's extra processes outlives it.
 - **Timers.** :class:`Timer` (a ``with`` block), :class:`Clock` (seconds per named bucket, garbage collections
   included), :class:`RoundTimer` (a callback: each federated round and its checkpoint), :class:`Samples`
   (repeated measurements and their medians).
@@ -25,6 +26,8 @@ import gc
 import logging
 import os
 import platform
+import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -62,9 +65,10 @@ def pin_threads(threads: int | None) -> None:
 
 
 def thread_environment(threads: int) -> dict[str, str]:
-    """A child process's thread count: torch reads ``OMP_NUM_THREADS`` at start-up, and Fabric, launching
-    several processes on the CPU, would otherwise set it to the cores per process."""
-    return {"OMP_NUM_THREADS": str(threads)}
+    """A child process's thread count: torch reads ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` at start-up (both
+    of which :func:`pin_threads` sets in process), and Fabric, launching several processes on the CPU, would
+    otherwise set the first to the cores per process."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
 # -- worker processes ----------------------------------------------------------------------------------------------
@@ -98,18 +102,62 @@ def run(driver: Callable[[], None], worker: Callable[[WorkerCall], None]) -> Non
         worker(call)
 
 
-def start_worker(
-    arguments: Sequence[str], result: Path, *, threads: int | None = None, cache: Path | None = None, **popen: Any
-) -> subprocess.Popen[str]:
-    """Start the running script again as a worker; ``cache``: its ``XDG_CACHE_HOME`` (the demo data's cache)."""
-    script = Path(sys.modules["__main__"].__file__ or "").resolve()
+def worker_command(
+    arguments: Sequence[str], result: Path, *, threads: int | None = None, cache: Path | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that run the running script again as a worker; ``cache``: its
+    ``XDG_CACHE_HOME`` (the demo data's cache)."""
+    script = getattr(sys.modules["__main__"], "__file__", None)
+    if script is None:  # an interactive session or ``python -c``: there is no script to run again
+        raise RuntimeError(
+            f"A worker runs the running script again, but __main__ ({sys.argv[0]!r}) has no file: start the "
+            "benchmark as `python benchmarks/NAME.py`."
+        )
     environment = dict(os.environ)
     if threads is not None:
         environment |= thread_environment(threads)
     if cache is not None:
         environment["XDG_CACHE_HOME"] = str(cache)
-    command = [sys.executable, str(script), WORKER_FLAG, str(result), *arguments]
-    return subprocess.Popen(command, cwd=REPO_ROOT, env=environment, text=True, **popen)
+    return [sys.executable, str(Path(script).resolve()), WORKER_FLAG, str(result), *arguments], environment
+
+
+@contextlib.contextmanager
+def process_group(
+    command: Sequence[str], *, cwd: Path, env: dict[str, str], log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``command`` started in a session of its own, its command line and output appended to ``log``; nothing of it
+    outlives the ``with`` block.
+
+    Fabric's extra processes join the session's process group, and the whole group is killed when the block ends:
+    on an exception (a timeout; Ctrl-C, which the new session no longer receives from the terminal) the run
+    itself, else any process that Fabric's launcher, which does not wait for them, left behind the leader.
+    """
+    with log.open("a") as stream:
+        stream.write(shlex.join(command) + "\n")
+        stream.flush()
+        process = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        yield process
+    finally:
+        kill_group(process)
+
+
+def kill_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process group ``process`` leads, and wait for ``process``."""
+    with contextlib.suppress(ProcessLookupError):  # the whole group has exited already
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def run_process(
+    command: Sequence[str], *, cwd: Path, env: dict[str, str], log: Path, timeout: float | None = None
+) -> int:
+    """Run ``command`` as :func:`process_group` does and return its exit status; past ``timeout`` seconds, kill
+    its group and raise ``subprocess.TimeoutExpired``."""
+    with process_group(command, cwd=cwd, env=env, log=log) as process:
+        return process.wait(timeout=timeout)
 
 
 def run_worker(
@@ -121,20 +169,18 @@ def run_worker(
     as a data module with a cache does) and nothing is left in the user's cache.
     """
     with tempfile.TemporaryDirectory(prefix="harmofl-bench-") as folder:
-        result = Path(folder) / "result.pt"
+        result, log = Path(folder) / "result.pt", Path(folder) / "worker.log"
         cache = Path(folder) / "cache" if fresh_cache else None
-        worker = start_worker(
-            arguments, result, threads=threads, cache=cache, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
-        try:
-            output, _ = worker.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-            raise
-        if worker.returncode != 0:
-            raise RuntimeError(f"The worker {' '.join(arguments)} failed (exit {worker.returncode}):\n{output[-4000:]}")
+        command, environment = worker_command(arguments, result, threads=threads, cache=cache)
+        returncode = run_process(command, cwd=REPO_ROOT, env=environment, log=log, timeout=timeout)
+        if returncode != 0:
+            raise RuntimeError(f"The worker {' '.join(arguments)} failed (exit {returncode}):\n{tail(log)}")
         return torch.load(result, weights_only=True)
+
+
+def tail(path: Path, chars: int = 4000) -> str:
+    """The end of a log file ("" if there is none)."""
+    return path.read_text(errors="replace")[-chars:] if path.is_file() else ""
 
 
 def gather_objects(value: Any) -> list[Any]:

@@ -24,41 +24,32 @@ and ``flwr run``s each tree's app; every process it starts is stopped before the
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
-import math
 import os
 import shutil
-import signal
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import _harness  # first: the repository on sys.path, the offline environment
-import torch
+from _compare import IDENTICAL, compare_outputs
 
 from harmofl.flower.loopback import LoopbackDeployment, LoopbackError, flower_environment
 
 REPO = _harness.REPO_ROOT
 # What changes floating-point results or reaches the network, pinned for every run of both trees.
 PINNED = {
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
+    **_harness.OFFLINE,
+    **_harness.thread_environment(1),
     "PYTHONHASHSEED": "0",
     "CUDA_VISIBLE_DEVICES": "",
     "MPLBACKEND": "Agg",
-    "WANDB_MODE": "disabled",
     "WANDB_SILENT": "true",
-    "HF_HUB_OFFLINE": "1",
 }
 DEFAULT_BEFORE = "816f5b7"  # the last commit before the orchestrator redesign
-OUTPUT_FILES = ("metrics.csv", "summary.json")
-CHECKPOINTS = ("checkpoints/last.ckpt", "checkpoints/best.ckpt")
 CASE_TIMEOUT_S = 900
 
 
@@ -161,10 +152,6 @@ def check_imports(tree: Path, env: dict[str, str]) -> None:
         raise SystemExit(f"equivalence: {tree} imports {found.stdout.split()} {found.stderr[-2000:]}")
 
 
-def tail(path: Path, chars: int = 3000) -> str:
-    return path.read_text(errors="replace")[-chars:] if path.is_file() else ""
-
-
 # -- one run --------------------------------------------------------------------------------------------------------
 
 
@@ -182,21 +169,10 @@ def run_fit(case: Case, tree: Path, env: dict[str, str], output: Path, log: Path
         "--trainer.enable_progress_bar",
         "false",
     ]
-    with log.open("w") as stream:
-        stream.write(" ".join(command) + "\n")
-        stream.flush()
-        process = subprocess.Popen(
-            command, cwd=tree, env=env, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            returncode = process.wait(timeout=CASE_TIMEOUT_S)
-        except BaseException as error:  # a timeout or Ctrl-C: stop the run and the processes Fabric started
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            if isinstance(error, subprocess.TimeoutExpired):
-                raise RunFailed(f"timed out after {CASE_TIMEOUT_S} s") from error
-            raise
+    try:
+        returncode = _harness.run_process(command, cwd=tree, env=env, log=log, timeout=CASE_TIMEOUT_S)
+    except subprocess.TimeoutExpired as error:  # the run and the processes Fabric started are killed
+        raise RunFailed(f"timed out after {CASE_TIMEOUT_S} s") from error
     if returncode != 0:
         raise RunFailed(f"cli.py fit exited with {returncode}")
 
@@ -223,7 +199,7 @@ def flower_sites(case: Case) -> int:
     for item in case.items:
         if item.startswith("data.init_args.num_sites="):
             return int(item.split("=", 1)[1])
-    raise ValueError("A Flower case sets data.init_args.num_sites=N in its args.")
+    raise ValueError(f"A Flower case sets data.init_args.num_sites=N in its settings, got {case.settings!r}.")
 
 
 def run_case(name: str, case: Case, tree: Path, env: dict[str, str], work: Path, label: str) -> tuple[Path, float]:
@@ -243,84 +219,6 @@ def run_case(name: str, case: Case, tree: Path, env: dict[str, str], work: Path,
         if scratch.exists():
             scratch.rename(kept)
     return kept, seconds
-
-
-# -- comparison -----------------------------------------------------------------------------------------------------
-
-
-def first_difference(before: Any, after: Any, path: str = "") -> str | None:
-    """The key path of the first bitwise difference between two loaded checkpoints, and what differs; None if equal."""
-    where = path or "<root>"
-    if type(before) is not type(after):
-        return f"{where}: {type(before).__name__} vs {type(after).__name__}"
-    if isinstance(before, torch.Tensor):
-        if before.dtype != after.dtype or before.shape != after.shape:
-            return f"{where}: {before.dtype}{list(before.shape)} vs {after.dtype}{list(after.shape)}"
-        if before.layout != torch.strided or after.layout != torch.strided:
-            return None if torch.equal(before, after) else f"{where}: values differ"
-        if torch.equal(tensor_bytes(before), tensor_bytes(after)):
-            return None
-        if before.is_floating_point() and before.numel():
-            largest = (before.double() - after.double()).abs().max().item()
-            return f"{where}: values differ (largest difference {largest:.3g})"
-        return f"{where}: values differ"
-    if isinstance(before, dict):
-        if list(before) != list(after):
-            missing, extra = [k for k in before if k not in after], [k for k in after if k not in before]
-            what = f"missing {missing[:5]}" if missing else ""
-            what += (", " if missing and extra else "") + (f"new {extra[:5]}" if extra else "")
-            return f"{where}: keys differ: {what or 'same keys, another order'}"
-        for key in before:
-            found = first_difference(before[key], after[key], f"{path}/{key}")
-            if found:
-                return found
-        return None
-    if isinstance(before, (list, tuple)):
-        if len(before) != len(after):
-            return f"{where}: length {len(before)} vs {len(after)}"
-        for index, (one, two) in enumerate(zip(before, after)):
-            found = first_difference(one, two, f"{path}[{index}]")
-            if found:
-                return found
-        return None
-    if isinstance(before, float):
-        equal = struct.pack("<d", before) == struct.pack("<d", after) or (math.isnan(before) and math.isnan(after))
-    else:
-        equal = before == after
-    return None if equal else f"{where}: {before!r:.80} vs {after!r:.80}"
-
-
-def tensor_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor's element bytes (NaN equals NaN of the same bits, 0.0 differs from -0.0)."""
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return flat.view(torch.uint8) if flat.dtype != torch.bool else flat
-
-
-def compare_outputs(before: Path, after: Path) -> str:
-    """``identical`` or the first difference between two runs' outputs."""
-    for name in OUTPUT_FILES:
-        one, two = before / name, after / name
-        if not one.is_file() or not two.is_file():
-            return f"{name}: missing {'before' if not one.is_file() else 'after'}"
-        bytes_one, bytes_two = one.read_bytes(), two.read_bytes()
-        if bytes_one != bytes_two:
-            lines_one, lines_two = bytes_one.splitlines(), bytes_two.splitlines()
-            for number, (line_one, line_two) in enumerate(zip(lines_one, lines_two), start=1):
-                if line_one != line_two:
-                    one_text, two_text = (line.decode(errors="replace")[:70] for line in (line_one, line_two))
-                    return f"{name} line {number}: {one_text!r} vs {two_text!r}"
-            return f"{name}: {len(lines_one)} vs {len(lines_two)} lines"
-    for name in CHECKPOINTS:
-        one, two = before / name, after / name
-        if not one.is_file() or not two.is_file():
-            return f"{name}: missing {'before' if not one.is_file() else 'after'}"
-        found = first_difference(
-            torch.load(one, map_location="cpu", weights_only=True),
-            torch.load(two, map_location="cpu", weights_only=True),
-        )
-        if found:
-            return f"{name} {found}"
-    return "identical"
 
 
 # -- main -----------------------------------------------------------------------------------------------------------
@@ -353,38 +251,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the Flower case needs Flower: pip install -e '.[flower]' (or leave it out with --cases)")
 
     try:
-        trees = {
+        prepared = {
             label: prepare_tree(rev, work, label) for label, rev in (("before", args.before), ("after", args.after))
         }
-        envs = {label: environment(tree, work / f"env-{label}") for label, (tree, _) in trees.items()}
-        for label, (tree, _) in trees.items():
+        trees = {label: tree for label, (tree, _) in prepared.items()}
+        envs = {label: environment(tree, work / f"env-{label}") for label, tree in trees.items()}
+        for label, tree in trees.items():
             check_imports(tree, envs[label])
-        print(f"before: {trees['before'][1]}\nafter:  {trees['after'][1]}\nwork:   {work}\n", flush=True)
+        print(f"before: {prepared['before'][1]}\nafter:  {prepared['after'][1]}\nwork:   {work}\n", flush=True)
         width = max(len(name) for name in names)
         print(f"{'case':<{width}}  {'before s':>8}  {'after s':>8}  result", flush=True)
         failed = 0
         total = time.perf_counter()
         for name in names:
-            case, outputs, seconds, error = CASES[name], {}, {}, None
-            for label, (tree, _) in trees.items():
-                try:
-                    outputs[label], seconds[label] = run_case(name, case, tree, envs[label], work, label)
-                except (RunFailed, OSError, ValueError, subprocess.SubprocessError) as failure:
-                    error = f"{label} failed: {failure}"
-                    logs = [work / label / f"{name}.log", *sorted((work / label / f"{name}-flower").glob("*.log"))]
-                    for log in logs:
-                        if log.is_file():
-                            print(f"--- {log}\n{tail(log)}", file=sys.stderr, flush=True)
-                    break
-            if error is None:
-                try:
-                    result = compare_outputs(outputs["before"], outputs["after"])
-                except Exception as failure:  # an unreadable checkpoint is a difference, not a crash
-                    result = f"comparison failed: {type(failure).__name__}: {failure}"
-            else:
-                result = error
+            seconds, result = run_pair(name, trees, envs, work)
             result = " ".join(result.split())[:400]
-            failed += result != "identical"
+            failed += result != IDENTICAL
             times = [f"{seconds[label]:8.1f}" if label in seconds else f"{'-':>8}" for label in ("before", "after")]
             print(f"{name:<{width}}  {times[0]}  {times[1]}  {result}", flush=True)
         print(f"\n{len(names) - failed} of {len(names)} identical, {time.perf_counter() - total:.0f} s", flush=True)
@@ -392,6 +274,32 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def run_pair(
+    name: str, trees: dict[str, Path], envs: dict[str, dict[str, str]], work: Path
+) -> tuple[dict[str, float], str]:
+    """Case ``name`` run in the ``before`` and the ``after`` tree, then compared: the seconds of each run that
+    finished, and ``identical``, the first difference, or why a run or the comparison failed."""
+    outputs: dict[str, Path] = {}
+    seconds: dict[str, float] = {}
+    for label, tree in trees.items():
+        try:
+            outputs[label], seconds[label] = run_case(name, CASES[name], tree, envs[label], work, label)
+        except (RunFailed, OSError, ValueError, subprocess.SubprocessError) as failure:
+            show_logs(work / label, name)
+            return seconds, f"{label} failed: {failure}"
+    try:
+        return seconds, compare_outputs(outputs["before"], outputs["after"])
+    except Exception as failure:  # an unreadable checkpoint is a difference, not a crash
+        return seconds, f"comparison failed: {type(failure).__name__}: {failure}"
+
+
+def show_logs(folder: Path, name: str) -> None:
+    """The end of each log a failed run of case ``name`` left in ``folder``, on stderr."""
+    for log in [folder / f"{name}.log", *sorted((folder / f"{name}-flower").glob("*.log"))]:
+        if log.is_file():
+            print(f"--- {log}\n{_harness.tail(log)}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -37,31 +37,22 @@ from pathlib import Path
 
 import _harness as harness
 import torch
-import torch.nn.functional as F
 from plain_loop import (
     ALPHA,
     HISTORY_KEYS,
     OMITS,
     PassCounter,
-    Recipe,
     RunResult,
     check_same_work,
     expected_passes,
     run_plain,
 )
-from torchmetrics import MetricCollection
-from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
+from tasks import NUM_CLASSES, SEED, TASKS, Workload, workload_from
 
 from callbacks import AmplitudeHarmonization
-from harmofl import ClassificationClient, FederatedClient, FederatedTrainer, SegmentationClient
-from harmofl.clients.segmentation import foreground_dice_metrics
-from harmofl.data import DemoHistology, DemoNuclei, FederatedDataModule
-from harmofl.losses import ce_dice_loss
-from harmofl.models import create_classifier, create_segmenter, use_batch_statistics
+from harmofl import FederatedTrainer
+from harmofl.data import FederatedDataModule
 
-NUM_CLASSES = 2  # DemoHistology: tumour-like cluster or not; DemoNuclei: background or nucleus
-UNET_KWARGS = {"base_features": 8}
-SEED = 0
 TARGET_RATIO = 1.05
 # The orchestrator's own machinery in profiled file names; the step, harmonization and network, shared, are not.
 ORCHESTRATOR_CODE = (
@@ -70,91 +61,6 @@ ORCHESTRATOR_CODE = (
 )
 
 Timed = tuple[float, RunResult]
-
-
-@dataclass(frozen=True)
-class Task:
-    """What differs between the demo tasks: the data, the client, and the plain loop's recipe of the same."""
-
-    description: str
-    data: Callable[..., FederatedDataModule]
-    sizes: dict[str, int]  # the demo configuration's data sizes, each a command-line option
-    client: Callable[..., FederatedClient]  # the client class with its network settings
-    recipe: Recipe
-
-
-TASKS: dict[str, Task] = {
-    "classification": Task(  # configs/demo.yaml
-        description="DemoHistology, test_resnet, SGD, reference harmonization",
-        data=DemoHistology,
-        sizes={"train_per_site": 192, "val_per_site": 64, "test_per_site": 128, "batch_size": 32},
-        client=functools.partial(ClassificationClient, backbone="test_resnet", batch_norm_stats="batch"),
-        recipe=Recipe(
-            network=lambda: use_batch_statistics(create_classifier("test_resnet", num_classes=NUM_CLASSES, in_chans=3)),
-            optimizer=functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=1e-4),
-            preset="reference",
-            loss=F.cross_entropy,
-            metrics=lambda: MetricCollection({"accuracy": BinaryAccuracy(), "auroc": BinaryAUROC()}),
-            predictions=lambda logits: logits.softmax(dim=1)[:, 1],  # the positive class's probability
-        ),
-    ),
-    "segmentation": Task(  # configs/demo_seg.yaml
-        description="DemoNuclei, harmofl_unet (8 base features), Adam, paper harmonization",
-        data=DemoNuclei,
-        sizes={"train_per_site": 96, "val_per_site": 32, "test_per_site": 64, "batch_size": 16},
-        client=functools.partial(SegmentationClient, backbone="harmofl_unet", backbone_kwargs=UNET_KWARGS),
-        recipe=Recipe(
-            network=lambda: create_segmenter("harmofl_unet", num_classes=NUM_CLASSES, in_chans=3, **UNET_KWARGS),
-            optimizer=functools.partial(torch.optim.Adam, lr=0.003, weight_decay=1e-4),
-            preset="paper",
-            loss=ce_dice_loss,
-            metrics=lambda: foreground_dice_metrics(NUM_CLASSES),  # as harmofl.SegmentationClient builds them
-            predictions=lambda logits: logits.argmax(dim=1),
-        ),
-    ),
-}
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What one run does; the federation itself is generated once per process and shared by its runs."""
-
-    task: str
-    rounds: int
-    clients: int
-    image_size: int
-    train_per_site: int
-    val_per_site: int
-    test_per_site: int
-    batch_size: int
-
-    @property
-    def spec(self) -> Task:
-        return TASKS[self.task]
-
-    def data(self) -> FederatedDataModule:
-        """The demo federation, set up (generated, or read from the demo cache): never timed."""
-        sizes = {name: getattr(self, name) for name in self.spec.sizes}
-        data = self.spec.data(num_sites=self.clients, image_size=self.image_size, seed=SEED, **sizes)
-        data.setup("fit")
-        return data
-
-    def options(self) -> list[str]:
-        """The command-line options that give this workload (to start a worker with)."""
-        return [
-            item
-            for spec in dataclasses.fields(self)
-            for item in (f"--{spec.name.replace('_', '-')}", str(getattr(self, spec.name)))
-        ]
-
-
-def workload_from(args: argparse.Namespace, task: str) -> Workload:
-    """The task's workload: its demo sizes, each replaced by the option given."""
-    sizes = {
-        name: default if getattr(args, name) is None else getattr(args, name)
-        for name, default in TASKS[task].sizes.items()
-    }
-    return Workload(task, args.rounds, args.clients, args.image_size, **sizes)
 
 
 # -- the orchestrator ----------------------------------------------------------------------------------------------
@@ -264,10 +170,9 @@ def warm_up(work: Workload, data: FederatedDataModule, processes: list[int], thr
             check_same_work(short.rounds, data, run_orchestrator_at(short, data, 1, threads)[1], plain, plain)
 
 
-def benchmark(work: Workload, processes: list[int], threads: int, repeats: int) -> list[Row]:
+def benchmark(work: Workload, data: FederatedDataModule, processes: list[int], threads: int, repeats: int) -> list[Row]:
     """The task's rows: orchestrator and plain loop timed alternately, so that drifting machine load hits both
     alike; the plain loop with as many threads as the orchestrator's processes have together."""
-    data = work.data()
     warm_up(work, data, processes, threads)
     rows = [Row(work.task, count, threads, work.rounds) for count in processes]
     last: dict[int, tuple[RunResult, RunResult]] = {}
@@ -303,16 +208,17 @@ TABLE = (
 )
 
 
-def profile_orchestrator(work: Workload, top: int) -> None:
+def profile_orchestrator(work: Workload, data: FederatedDataModule, top: int) -> str:
     """cProfile of one 1-process orchestrator run: the ``top`` entries by cumulative time in the orchestrator's own
     code, where any time the plain loop does not spend lies."""
-    data = work.data()
     profiler = cProfile.Profile()
     profiler.runcall(in_folder, functools.partial(run_orchestrator, work, data))
     stream = io.StringIO()
     pstats.Stats(profiler, stream=stream).sort_stats(pstats.SortKey.CUMULATIVE).print_stats(ORCHESTRATOR_CODE, top)
-    print(f"\ncProfile of one {work.task} orchestrator run (top {top} by cumulative time, orchestrator code only):")
-    print(stream.getvalue().strip())
+    return (
+        f"cProfile of one {work.task} orchestrator run (top {top} by cumulative time, orchestrator code only):\n"
+        + stream.getvalue().strip()
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -347,8 +253,13 @@ def main() -> None:
     )
     print(harness.describe_machine())
     rows: list[Row] = []
+    profiles: list[str] = []
     for task in args.task:
-        rows += benchmark(workload_from(args, task), args.processes, args.threads, args.repeats)
+        work = workload_from(args, task)
+        data = work.data()  # generated (or read from the demo cache) once, never timed
+        rows += benchmark(work, data, args.processes, args.threads, args.repeats)
+        if args.profile:  # after the task's timings, so that profiling does not slow them
+            profiles.append(profile_orchestrator(work, data, top=20))
     print(f"plain loop omits: {OMITS}\n")
     harness.print_table(TABLE, rows)
     print(
@@ -356,10 +267,9 @@ def main() -> None:
         f"global weights and last-round metrics from the plain loop's at {args.threads} thread(s), its own per "
         f"process)"
     )
-    if args.profile:
-        for task in args.task:
-            profile_orchestrator(workload_from(args, task), top=20)
-    elif any(row.ratio > TARGET_RATIO for row in rows):
+    for profile in profiles:
+        print(f"\n{profile}")
+    if not args.profile and any(row.ratio > TARGET_RATIO for row in rows):
         print(
             f"\nThe orchestrator costs over {TARGET_RATIO - 1:.0%} more: rerun with --profile to see where its "
             "time goes."

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import _harness as harness  # first: the repository on sys.path, the environment torch reads
 import torch
-from _harness import Timer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
@@ -29,9 +29,9 @@ from callbacks import PRESETS
 from harmofl.amplitude import amplitude_spectrum, harmonize, update_running_amplitude
 from harmofl.data import FederatedDataModule
 from harmofl.federation.topology import derive_seed  # the trainer's seed per (round, client): same data order
+from harmofl.perturbation import NORM_EPS
 
 ALPHA = 0.05  # the perturbation radius of both demo configurations
-NORM_EPS = 1e-12  # as harmofl.perturbation
 HISTORY_KEYS = ("round", "client", "split")
 # Several processes add the clients' float64 sums in another order, which may change a float32 rounding; other
 # thread counts reduce convolutions in another order, and Adam's first steps are sign-like, so a near-zero
@@ -109,7 +109,12 @@ def check_same_work(
             f"expected {expected}."
         )
     if orchestrator.global_state.keys() != reference.global_state.keys():
-        raise RuntimeError("The orchestrator's and the plain loop's networks have different state-dict keys.")
+        only_orchestrator = sorted(orchestrator.global_state.keys() - reference.global_state.keys())
+        only_plain = sorted(reference.global_state.keys() - orchestrator.global_state.keys())
+        raise RuntimeError(
+            f"The orchestrator's and the plain loop's networks have different state-dict keys: only the "
+            f"orchestrator's {only_orchestrator}, only the plain loop's {only_plain}."
+        )
     weight_gap = max(
         (orchestrator.global_state[k].double() - reference.global_state[k].double()).abs().max().item()
         for k in reference.global_state
@@ -158,7 +163,7 @@ def run_plain(recipe: Recipe, data: FederatedDataModule, rounds: int, seed: int,
     torch.manual_seed(seed)  # the same initial weights as the orchestrator's network
     network = recipe.network()
     counter = PassCounter(network)
-    with Timer(collect=True) as timer:
+    with harness.Timer(collect=True) as timer:
         global_state, results = federate(recipe, network, data, rounds, seed, root)
     return timer.seconds, RunResult(counter.passes, results, global_state)
 

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from callbacks import AmplitudeHarmonization
 from harmofl import ClassificationClient, FederatedTrainer
-from harmofl.data import DemoHistology
+from harmofl.data import SPLITS, DemoHistology
 
 MB = 1024**2
 # The per-client-round orchestration time may vary this much between counts before it counts as growing.
@@ -68,7 +68,6 @@ WORKLOAD_OPTIONS = (
     "backbone",
     "seed",
 )
-SPLITS = ("train", "val", "test")
 
 
 class TimedClient(ClassificationClient):
@@ -89,16 +88,16 @@ class TimedClient(ClassificationClient):
             super().test_step(batch, batch_idx)
 
 
-def tensor_bytes(value: Any) -> int:
+def nbytes(value: Any) -> int:
     """Bytes of every tensor in a nested structure (state dicts, optimizer states, dataclass records)."""
     if isinstance(value, Tensor):
         return value.numel() * value.element_size()
     if isinstance(value, dict):
-        return sum(tensor_bytes(item) for item in value.values())
+        return sum(nbytes(item) for item in value.values())
     if isinstance(value, (list, tuple)):
-        return sum(tensor_bytes(item) for item in value)
+        return sum(nbytes(item) for item in value)
     if hasattr(value, "__dataclass_fields__"):  # a client record
-        return sum(tensor_bytes(getattr(value, name)) for name in value.__dataclass_fields__)
+        return sum(nbytes(getattr(value, name)) for name in value.__dataclass_fields__)
     return 0
 
 
@@ -122,7 +121,7 @@ def run_count(call: harness.WorkerCall) -> None:
     )
     with harness.Timer() as setup:
         data.setup("fit")  # the trainer's own setup call is then a no-op
-    data_bytes = sum(tensor_bytes(list(data.dataset(c, s).tensors)) for c in data.client_names for s in SPLITS)
+    data_bytes = sum(nbytes(list(data.dataset(c, s).tensors)) for c in data.client_names for s in SPLITS)
 
     clock = harness.Clock()
     clock.track_gc()
@@ -158,12 +157,10 @@ def run_count(call: harness.WorkerCall) -> None:
             "data_bytes": data_bytes,
             "rss_before_fit": rss_before_fit,
             "peak_rss": peak_rss_bytes(),
-            "record_bytes": tensor_bytes(record),
-            "callback_client_bytes": tensor_bytes(harmonization.client_state_dict(data.client_names[0])),
-            "model_bytes": tensor_bytes(model.state_dict()),
-            "optimizer_bytes": tensor_bytes(
-                record.optimizer_state
-            ),  # the optimizer's state, kept per client on the host
+            "record_bytes": nbytes(record),
+            "callback_client_bytes": nbytes(harmonization.client_state_dict(data.client_names[0])),
+            "model_bytes": nbytes(model.state_dict()),
+            "optimizer_bytes": nbytes(record.optimizer_state),  # the optimizer's state, kept per client on the host
             "checkpoint_bytes": checkpoint_bytes,
             "rounds": timer.after_warm_up(),
         }
