@@ -147,7 +147,12 @@ class FederatedTrainer(TrainerFacade):
         self.setup(model, datamodule, "fit", executor)
         start_round = 0
         if ckpt_path is not None:
-            start_round = restore_checkpoint(self, resolve_checkpoint(ckpt_path, self.checkpoint_dir), True)
+            path = resolve_checkpoint(ckpt_path, self.checkpoint_dir)
+            start_round = restore_checkpoint(self, path, with_optimizers=True)
+            best = self.checkpoint_dir / "best.ckpt"
+            if self.is_global_zero and self.record.best_round == start_round and path.resolve() != best.resolve():
+                # A kill between writing last.ckpt and copying it to best.ckpt leaves best.ckpt a round behind.
+                copy_checkpoint(path, best)
             rank_zero_info(f"Resuming after round {start_round} of {self.rounds}.")
         self.current_round = start_round
         self._call("on_fit_start")

@@ -17,6 +17,21 @@ FLOWER_TINY = (
     "trainer.rounds=2 data.init_args.num_sites=2 data.init_args.train_per_site=32 data.init_args.val_per_site=16 "
     "data.init_args.test_per_site=16 data.init_args.image_size=32 data.init_args.batch_size=16"
 )
+# The demo at a CLI test's size (flags for `cli.py fit`).
+CLI_TINY = [
+    "--data.init_args.train_per_site",
+    "16",
+    "--data.init_args.val_per_site",
+    "8",
+    "--data.init_args.test_per_site",
+    "8",
+    "--data.init_args.image_size",
+    "32",
+    "--data.init_args.batch_size",
+    "8",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 SGD = functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=1e-4)
 
 

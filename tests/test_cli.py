@@ -10,27 +10,12 @@ from harmofl.checkpoint import load_checkpoint
 from harmofl.cli import main as cli_main
 from harmofl.reporting import read_metrics_csv
 
-from helpers import REPO, run_cli
-
-TINY = [
-    "--data.init_args.train_per_site",
-    "16",
-    "--data.init_args.val_per_site",
-    "8",
-    "--data.init_args.test_per_site",
-    "8",
-    "--data.init_args.image_size",
-    "32",
-    "--data.init_args.batch_size",
-    "8",
-    "--trainer.enable_progress_bar",
-    "false",
-]
+from helpers import CLI_TINY, REPO, run_cli
 
 
 def test_fit_writes_outputs_under_runs_config_name_and_test_reproduces_the_best_round(tmp_path):
     config = str(REPO / "configs" / "demo.yaml")
-    fit = run_cli("fit", "--config", config, "--trainer.rounds", "2", *TINY, cwd=tmp_path)
+    fit = run_cli("fit", "--config", config, "--trainer.rounds", "2", *CLI_TINY, cwd=tmp_path)
     run = tmp_path / "runs" / "demo"
     for name in (
         "config.yaml",
@@ -47,7 +32,7 @@ def test_fit_writes_outputs_under_runs_config_name_and_test_reproduces_the_best_
     assert len(read_metrics_csv(run / "metrics.csv")) == 2 * 5 * 3
 
     best = str(run / "checkpoints" / "best.ckpt")
-    tested = run_cli("test", "--config", config, "--ckpt_path", best, *TINY, cwd=tmp_path)
+    tested = run_cli("test", "--config", config, "--ckpt_path", best, *CLI_TINY, cwd=tmp_path)
     assert "site_3" in tested.stdout
     test_summary = json.loads((run / "checkpoints" / "test_summary.json").read_text())
     assert test_summary["best_round"] == summary["best_round"]
@@ -70,7 +55,7 @@ def test_two_processes_aggregate_the_same_weights_as_one(tmp_path):
             str(devices),
             "--trainer.default_root_dir",
             str(root),
-            *TINY,
+            *CLI_TINY,
             env={"OMP_NUM_THREADS": "1"},
         )
         states[devices] = load_checkpoint(root / "checkpoints" / "last.ckpt")
@@ -94,7 +79,7 @@ def test_segmentation_demo_runs_through_the_cli(tmp_path):
         "1",
         "--trainer.default_root_dir",
         str(tmp_path),
-        *TINY,
+        *CLI_TINY,
     )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["mean"]["test"]) == {"dice"}
@@ -124,7 +109,7 @@ def test_bad_configuration_fails_before_training_with_the_key_named(tmp_path, ov
             str(REPO / "configs/demo.yaml"),
             "--trainer.default_root_dir",
             str(tmp_path),
-            *TINY,
+            *CLI_TINY,
             *override,
         ],
     )
@@ -150,7 +135,7 @@ def test_wandb_logs_offline_without_a_key(tmp_path):
         str(tmp_path),
         "--trainer.logger.init_args.project",
         "harmofl-test",
-        *TINY,
+        *CLI_TINY,
         env={"WANDB_MODE": None, "WANDB_API_KEY": None, "WANDB_DIR": None},
     )
     assert "W&B logs offline" in process.stdout + process.stderr

@@ -13,9 +13,8 @@ import torch
 
 from harmofl.checkpoint import load_checkpoint
 from harmofl.reporting import read_metrics_csv
-from tests.test_cli import TINY
 
-from helpers import REPO, run_cli
+from helpers import CLI_TINY, REPO, run_cli
 
 # Every piece of state a resume must restore: momentum, server momentum, a running amplitude target shared
 # every round, SCAFFOLD's control variates, and the per-round participant sample.
@@ -30,7 +29,7 @@ STATEFUL = [
     "--trainer.server_optimizer=harmofl.server_optimizers.FedAvgM",
     "--trainer.clients_per_round=3",
     "--model.init_args.alpha=0.05",
-    *TINY,
+    *CLI_TINY,
 ]
 ROUNDS = 6
 
@@ -125,6 +124,37 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
 
 
+def test_a_kill_before_the_best_copy_is_mended_on_resume(tmp_path):
+    """Killed after last.ckpt was written and before it was copied to best.ckpt: resuming copies it."""
+    root = tmp_path / "run"
+    run_cli(
+        "fit",
+        "--config",
+        "configs/demo.yaml",
+        "--trainer.rounds",
+        "1",
+        "--trainer.default_root_dir",
+        str(root),
+        *CLI_TINY,
+    )
+    best = root / "checkpoints" / "best.ckpt"
+    best.unlink()  # as if the run died between the two writes of round 1, its best round
+    run_cli(
+        "fit",
+        "--config",
+        "configs/demo.yaml",
+        "--trainer.rounds",
+        "1",
+        "--trainer.default_root_dir",
+        str(root),
+        "--ckpt_path",
+        "last",
+        *CLI_TINY,
+    )
+    assert best.read_bytes() == (root / "checkpoints" / "last.ckpt").read_bytes()
+    assert load_checkpoint(best)["best_round"] == 1
+
+
 @pytest.mark.parametrize("devices", [1, 2])
 def test_the_same_config_and_seed_give_the_same_summary(tmp_path, devices):
     summaries = []
@@ -140,7 +170,7 @@ def test_the_same_config_and_seed_give_the_same_summary(tmp_path, devices):
             str(devices),
             "--trainer.default_root_dir",
             str(root),
-            *TINY,
+            *CLI_TINY,
             env={"OMP_NUM_THREADS": "1"},
         )
         summaries.append((root / "summary.json").read_text())
