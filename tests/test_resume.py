@@ -7,14 +7,16 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from harmofl.checkpoint import load_checkpoint
 from harmofl.reporting import read_metrics_csv
+from harmofl.trainer import FederatedTrainer
 
-from helpers import CLI_TINY, REPO, run_cli
+from helpers import CLI_TINY, REPO, run_cli, tiny_classifier, tiny_histology
 
 # Every piece of state a resume must restore: momentum, server momentum, a running amplitude target shared
 # every round, SCAFFOLD's control variates, and the per-round participant sample.
@@ -124,35 +126,14 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
 
 
-def test_a_kill_before_the_best_copy_is_mended_on_resume(tmp_path):
+def test_a_kill_before_the_best_copy_is_mended_on_resume(trainer_kwargs):
     """Killed after last.ckpt was written and before it was copied to best.ckpt: resuming copies it."""
-    root = tmp_path / "run"
-    run_cli(
-        "fit",
-        "--config",
-        "configs/demo.yaml",
-        "--trainer.rounds",
-        "1",
-        "--trainer.default_root_dir",
-        str(root),
-        *CLI_TINY,
-    )
-    best = root / "checkpoints" / "best.ckpt"
-    best.unlink()  # as if the run died between the two writes of round 1, its best round
-    run_cli(
-        "fit",
-        "--config",
-        "configs/demo.yaml",
-        "--trainer.rounds",
-        "1",
-        "--trainer.default_root_dir",
-        str(root),
-        "--ckpt_path",
-        "last",
-        *CLI_TINY,
-    )
-    assert best.read_bytes() == (root / "checkpoints" / "last.ckpt").read_bytes()
-    assert load_checkpoint(best)["best_round"] == 1
+    FederatedTrainer(rounds=1, **trainer_kwargs).fit(tiny_classifier(), tiny_histology())
+    checkpoints = Path(trainer_kwargs["default_root_dir"]) / "checkpoints"
+    (checkpoints / "best.ckpt").unlink()  # as if the run died between the two writes of round 1, its best round
+    FederatedTrainer(rounds=1, **trainer_kwargs).fit(tiny_classifier(), tiny_histology(), ckpt_path="last")
+    assert (checkpoints / "best.ckpt").read_bytes() == (checkpoints / "last.ckpt").read_bytes()
+    assert load_checkpoint(checkpoints / "best.ckpt")["best_round"] == 1
 
 
 @pytest.mark.parametrize("devices", [1, 2])
