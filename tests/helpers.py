@@ -75,3 +75,21 @@ def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, check: bool =
     if check:
         assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-5000:]
     return process
+
+
+def fit_tiny_demo(root: Path, devices: int, rounds: int = 2) -> None:
+    """``cli.py fit`` of the tiny demo into ``root`` on ``devices`` CPU processes, one thread each (so that runs
+    with other process layouts do the same arithmetic)."""
+    run_cli(
+        "fit",
+        "--config",
+        "configs/demo.yaml",
+        "--trainer.rounds",
+        str(rounds),
+        "--trainer.devices",
+        str(devices),
+        "--trainer.default_root_dir",
+        str(root),
+        *CLI_TINY,
+        env={"OMP_NUM_THREADS": "1"},
+    )

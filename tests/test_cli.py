@@ -10,7 +10,7 @@ from harmofl.checkpoint import load_checkpoint
 from harmofl.cli import main as cli_main
 from harmofl.reporting import read_metrics_csv
 
-from helpers import CLI_TINY, REPO, run_cli
+from helpers import CLI_TINY, REPO, fit_tiny_demo, run_cli
 
 
 def test_fit_writes_outputs_under_runs_config_name_and_test_reproduces_the_best_round(tmp_path):
@@ -45,19 +45,7 @@ def test_two_processes_aggregate_the_same_weights_as_one(tmp_path):
     states = {}
     for devices in (1, 2):
         root = tmp_path / f"devices{devices}"
-        run_cli(
-            "fit",
-            "--config",
-            "configs/demo.yaml",
-            "--trainer.rounds",
-            "2",
-            "--trainer.devices",
-            str(devices),
-            "--trainer.default_root_dir",
-            str(root),
-            *CLI_TINY,
-            env={"OMP_NUM_THREADS": "1"},
-        )
+        fit_tiny_demo(root, devices)
         states[devices] = load_checkpoint(root / "checkpoints" / "last.ckpt")
     one, two = states[1], states[2]
     assert one["global_state"].keys() == two["global_state"].keys()

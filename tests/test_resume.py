@@ -16,7 +16,7 @@ from harmofl.checkpoint import load_checkpoint
 from harmofl.reporting import read_metrics_csv
 from harmofl.trainer import FederatedTrainer
 
-from helpers import CLI_TINY, REPO, run_cli, tiny_classifier, tiny_histology
+from helpers import CLI_TINY, REPO, fit_tiny_demo, tiny_classifier, tiny_histology
 
 # Every piece of state a resume must restore: momentum, server momentum, a running amplitude target shared
 # every round, SCAFFOLD's control variates, and the per-round participant sample.
@@ -141,18 +141,6 @@ def test_the_same_config_and_seed_give_the_same_summary(tmp_path, devices):
     summaries = []
     for attempt in range(2):
         root = tmp_path / f"run{attempt}"
-        run_cli(
-            "fit",
-            "--config",
-            "configs/demo.yaml",
-            "--trainer.rounds",
-            "2",
-            "--trainer.devices",
-            str(devices),
-            "--trainer.default_root_dir",
-            str(root),
-            *CLI_TINY,
-            env={"OMP_NUM_THREADS": "1"},
-        )
+        fit_tiny_demo(root, devices)
         summaries.append((root / "summary.json").read_text())
     assert summaries[0] == summaries[1]

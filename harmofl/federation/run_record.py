@@ -29,6 +29,8 @@ class RunRecord:
         self.history: list[dict[str, Any]] = []
         self.best_round: int | None = None
         self.best_score = float("-inf")
+        #: The latest round's mean validation metric.
+        self.last_score = float("nan")
         #: Client failures so far: ``{"round", "client", "error"}`` (rounds from 1), in the checkpoint and summary.
         self.failures: list[dict[str, Any]] = []
 
@@ -37,7 +39,6 @@ class RunRecord:
         every round before makes it the best round."""
         rows = reporting.history_rows(round_number, results, self.held_out)
         self.history.extend(rows)
-        #: The latest round's mean validation metric.
         self.last_score = reporting.mean_over_clients(results, self.held_out)["val"][self.metric]
         if self.last_score > self.best_score:
             self.best_round, self.best_score = round_number, self.last_score
