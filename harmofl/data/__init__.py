@@ -7,6 +7,7 @@ from harmofl.data.camelyon import Camelyon17
 from harmofl.data.checks import DataError
 from harmofl.data.demo import DemoHistology, DemoNuclei
 from harmofl.data.prostate import ProstateMRI
+from harmofl.data.scanner_shift import ScannerShiftHistology
 from harmofl.data.segmentation_folders import SegmentationFolders
 from harmofl.data.site_folders import SiteFolders
 
@@ -18,6 +19,7 @@ __all__ = [
     "DemoNuclei",
     "FederatedDataModule",
     "ProstateMRI",
+    "ScannerShiftHistology",
     "SegmentationFolders",
     "SiteFolders",
 ]

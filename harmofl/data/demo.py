@@ -134,7 +134,7 @@ class _ProceduralFederation(FederatedDataModule):
         settings = {
             "format": DEMO_CACHE_FORMAT,
             "kind": type(self).__name__,
-            "site": dataclasses.asdict(self.sites[index]),
+            "site": _site_key(self.sites[index]),
             "index": index,
             "split": split,
             "count": self.split_sizes[split],
@@ -165,6 +165,19 @@ class _ProceduralFederation(FederatedDataModule):
     @abstractmethod
     def _targets(self, tissue: Tissue, labels: Tensor) -> Tensor:
         """The targets of a generated batch: its labels ``[B]`` or a per-pixel map ``[B, S, S]``."""
+
+
+def _site_key(site: SiteImaging) -> dict[str, Any]:
+    """A site's settings in the cache key. Fields added after format 2 enter it only when they differ from their
+    default, so that the names of existing cache files (and their pinned keys) stay what they were."""
+    return {
+        field.name: getattr(site, field.name)
+        for field in dataclasses.fields(site)
+        if field.name not in _FIELDS_AFTER_FORMAT_2 or getattr(site, field.name) != field.default
+    }
+
+
+_FIELDS_AFTER_FORMAT_2 = ("magnification",)
 
 
 class DemoHistology(_ProceduralFederation):

@@ -3,6 +3,8 @@
 Every site of the demo federation images the same kind of tissue; what differs between sites is
 the staining protocol and the scanner, applied by :func:`render` in the order light meets them:
 
+0. Field of view: a scanner of higher magnification (smaller pixels, ``magnification`` > 1 relative to the
+   federation's lowest) images a smaller area of the same tissue onto the same number of pixels.
 1. Staining and transmission (Beer–Lambert). Each stain absorbs light with its own optical
    density (OD) per colour channel; the ODs of stains add, and the transmitted intensity is
    ``exp(-OD)``. Section thickness and staining time scale every concentration
@@ -56,6 +58,8 @@ class SiteImaging:
         noise_std: standard deviation of the sensor's Gaussian read noise.
         shot_noise: photon shot noise: its standard deviation is ``shot_noise * sqrt(intensity)``.
         resolution: sensor sampling relative to the common image size, in (0, 1].
+        magnification: pixel size of the federation's coarsest scanner over this one's, >= 1: the central
+            ``1 / magnification`` of the field, enlarged to the image size.
     """
 
     hematoxylin: RGB = HEMATOXYLIN_OD
@@ -69,6 +73,7 @@ class SiteImaging:
     noise_std: float = 0.0
     shot_noise: float = 0.0
     resolution: float = 1.0
+    magnification: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("hematoxylin", "eosin", "background"):
@@ -85,6 +90,10 @@ class SiteImaging:
                 raise ValueError(f"SiteImaging.{name} must be >= 0, got {value}.")
         if not 0 < self.resolution <= 1:
             raise ValueError(f"SiteImaging.resolution must be in (0, 1], got {self.resolution}.")
+        if not 1 <= self.magnification <= 4:
+            raise ValueError(
+                f"SiteImaging.magnification must be in [1, 4] (relative to the coarsest scanner), got {self.magnification}."
+            )
 
 
 # Hand-picked sites spanning the usual differences between scanners and labs.
@@ -212,6 +221,8 @@ def render(h_conc: Tensor, e_conc: Tensor, site: SiteImaging, generator: torch.G
             f"render needs concentrations of one shape [B, H, W], got {tuple(h_conc.shape)} and {tuple(e_conc.shape)}."
         )
     size = tuple(h_conc.shape[-2:])
+    if site.magnification != 1:
+        h_conc, e_conc = (_field_of_view(conc, site.magnification) for conc in (h_conc, e_conc))
     light = gaussian_blur(torch.exp(-optical_density(h_conc, e_conc, site)), site.blur_sigma)
     sensor = tuple(max(1, round(side * site.resolution)) for side in size)
     if sensor != size:
@@ -229,3 +240,13 @@ def render(h_conc: Tensor, e_conc: Tensor, site: SiteImaging, generator: torch.G
     if sensor != size:
         light = F.interpolate(light, size=size, mode="bicubic", align_corners=False)
     return light.clamp(0.0, 1.0)
+
+
+def _field_of_view(concentration: Tensor, magnification: float) -> Tensor:
+    """The central ``1 / magnification`` of ``[B, H, W]`` concentrations, enlarged back to ``H × W``: the same
+    tissue seen through a scanner with proportionally smaller pixels."""
+    height, width = concentration.shape[-2:]
+    crop_h, crop_w = (max(2, round(side / magnification)) for side in (height, width))
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    crop = concentration[:, None, top : top + crop_h, left : left + crop_w]
+    return F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
