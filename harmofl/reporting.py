@@ -130,22 +130,31 @@ def plot_lines(
     series: Mapping[str, Sequence[tuple[int, float]]], ylabel: str, path: Path, emphasized: str | None = None
 ) -> None:
     """One line per name over rounds; the ``emphasized`` one thick, black, with markers, drawn last."""
+    plot_panels({ylabel: series}, path, emphasized)
+
+
+def plot_panels(
+    panels: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], path: Path, emphasized: str | None = None
+) -> None:
+    """One panel per title (its y label), side by side, each with one line per name over rounds; the
+    ``emphasized`` name thick, black, with markers, drawn last."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and CI
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for name, points in sorted(series.items(), key=lambda item: item[0] == emphasized):
-        rounds, values = zip(*sorted(points))
-        if name == emphasized:
-            axis.plot(rounds, values, marker="o", linewidth=2.5, color="black", label=name)
-        else:
-            axis.plot(rounds, values, linewidth=1.0, alpha=0.8, label=name)
-    axis.set_xlabel("round")
-    axis.set_ylabel(ylabel)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize="small", ncol=2)
+    figure, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for axis, (ylabel, series) in zip(axes[0], panels.items(), strict=True):
+        for name, points in sorted(series.items(), key=lambda item: item[0] == emphasized):
+            rounds, values = zip(*sorted(points))
+            if name == emphasized:
+                axis.plot(rounds, values, marker="o", linewidth=2.5, color="black", label=name)
+            else:
+                axis.plot(rounds, values, linewidth=1.0, alpha=0.8, label=name)
+        axis.set_xlabel("round")
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="small", ncol=2)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)

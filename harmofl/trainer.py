@@ -302,6 +302,12 @@ class FederatedTrainer(TrainerFacade):
         ``values`` holds this process's clients (:func:`~harmofl.federation.collectives.weighted_client_mean`)."""
         return weighted_client_mean(self.fabric, values, self.federation.client_names, self.federation.client_weight)
 
+    def gather_client_values(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Every client's entry of ``values`` (this process's clients), from every process, in the federation's
+        client order: per-client statistics that the server hands back to all (FedRDN's, FedDG's banks)."""
+        gathered = self._merged(values)
+        return {client: gathered[client] for client in self.federation.client_names if client in gathered}
+
     def load_callback_states(self, states: Mapping[str, Any]) -> None:
         """Restore the callbacks' global state from ``states`` (callbacks absent from it are left as they are)."""
         for cb in self.callbacks:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from lightning.pytorch import Callback, LightningModule
 
@@ -35,6 +35,14 @@ class FederatedCallback(Callback):
         """Whether this round's :meth:`on_aggregate` needs the clients' states at the server (a deployment then
         sends them with the training replies)."""
         return False
+
+    def transform_batch(
+        self, trainer: FederatedTrainer, pl_module: LightningModule, batch: Any, stage: Literal["train", "val", "test"]
+    ) -> Any:
+        """The batch the client's step sees instead of ``batch`` (on its device, before the ``on_*_batch_start``
+        hooks): a data augmentation that needs the federation, and may change the batch's size. Identity by default;
+        callbacks transform in their order in ``trainer.callbacks``."""
+        return batch
 
     def on_round_start(self, trainer: FederatedTrainer, pl_module: LightningModule, round_idx: int) -> None:
         """A round starts (``round_idx`` is 0-based)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -68,7 +68,7 @@ class LocalRunner:
         self._call("on_train_client_start", client=client, num_batches=num_batches)
         loss_sum = torch.zeros((), device=self.fabric.device)
         for batch_idx, batch in enumerate(self._training_batches(client, loader, num_batches)):
-            batch = self.fabric.to_device(batch)
+            batch = self._transformed(self.fabric.to_device(batch), "train")
             self._call("on_train_batch_start", batch=batch, batch_idx=batch_idx)
             loss = self.fabric_module.training_step(batch, batch_idx)
             loss_sum += loss
@@ -89,6 +89,11 @@ class LocalRunner:
 
     def _call(self, hook: str, **kwargs: Any) -> None:
         self.fabric.call(hook, trainer=self.trainer, pl_module=self.module, **kwargs)
+
+    def _transformed(self, batch: Any, stage: Literal["train", "val", "test"]) -> Any:
+        for callback in self.trainer.federated_callbacks:
+            batch = callback.transform_batch(self.trainer, self.module, batch, stage)
+        return batch
 
     @staticmethod
     def _training_batches(client: str, loader: Any, num_batches: int) -> Iterator[Any]:
@@ -117,7 +122,7 @@ class LocalRunner:
         metrics.reset()
         self.module.eval()
         for batch_idx, batch in enumerate(self.datamodule.dataloader(client, split)):
-            batch = self.fabric.to_device(batch)
+            batch = self._transformed(self.fabric.to_device(batch), split)
             self._call(hook, batch=batch, batch_idx=batch_idx)
             getattr(self.fabric_module, step)(batch, batch_idx)
         values = {name: float(value) for name, value in metrics.compute().items()}
