@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from harmofl import reporting
-from harmofl.comparison_tables import Measurement, Role, markdown_table, paired_table, site_values
+from harmofl.comparison_tables import ROLES, Measurement, Role, SiteValues, markdown_table, paired_table, site_values
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGY_DIR = REPO / "configs" / "strategies"
@@ -242,7 +242,7 @@ def _command_line(
 def _markdown(
     measurements: Sequence[Measurement], names: list[str], metric: str, baseline: str, seeds: str, command: str
 ) -> str:
-    by_role = {role: site_values(measurements, role, metric) for role in ("in-federation", "unseen")}
+    by_role: dict[Role, SiteValues] = {role: site_values(measurements, role, metric) for role in ROLES}
     lines = [
         f"Test {metric} at each run's best round (chosen on the training sites' validation mean, never on an unseen "
         f"site); mean ± 95 % CI (Student t) over seeds {seeds}. A column's best is bold only when its paired "

@@ -305,8 +305,7 @@ class FederatedTrainer(TrainerFacade):
     def gather_client_values(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """Every client's entry of ``values`` (this process's clients), from every process, in the federation's
         client order: per-client statistics that the server hands back to all (FedRDN's, FedDG's banks)."""
-        gathered = self._merged(values)
-        return {client: gathered[client] for client in self.federation.client_names if client in gathered}
+        return self.federation.ordered(self._merged(values))
 
     def load_callback_states(self, states: Mapping[str, Any]) -> None:
         """Restore the callbacks' global state from ``states`` (callbacks absent from it are left as they are)."""

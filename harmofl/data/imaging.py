@@ -92,7 +92,8 @@ class SiteImaging:
             raise ValueError(f"SiteImaging.resolution must be in (0, 1], got {self.resolution}.")
         if not 1 <= self.magnification <= 4:
             raise ValueError(
-                f"SiteImaging.magnification must be in [1, 4] (relative to the coarsest scanner), got {self.magnification}."
+                "SiteImaging.magnification must be in [1, 4] (relative to the coarsest scanner), got "
+                f"{self.magnification}."
             )
 
 
