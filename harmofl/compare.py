@@ -92,9 +92,9 @@ def run_comparison(
     if protocol not in ("federated", "loso"):
         raise ValueError(f"Unknown protocol {protocol!r}; use 'federated' or 'loso' (leave one site out).")
     extra = shlex.split(overrides)
-    folds = _folds(Path(config), extra, held_out) if protocol == "loso" else [""]
     if held_out and protocol != "loso":
         raise ValueError(f"held_out={held_out!r} needs --protocol loso; the federated protocol holds out none.")
+    folds = _folds(Path(config), extra, held_out) if protocol == "loso" else [""]
     output = Path(output_dir or Path("runs") / f"compare_{Path(config).stem}{'_loso' if protocol == 'loso' else ''}")
     runs = [
         Run(name, overlay, seed, fold, output / name / fold / f"seed_{seed}")

@@ -37,10 +37,13 @@ def test_compare_writes_tables_reuses_finished_runs_and_resumes_interrupted_ones
     assert len(spy) == 4
     with (output / "comparison.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 2 * 2 * 3 * 2  # strategies x seeds x (clients + mean) x (accuracy, auroc)
+    assert len(rows) == 2 * 2 * 2 * 2  # strategies x seeds x clients x (accuracy, auroc)
     assert {row["strategy"] for row in rows} == {"harmofl", "fedavg"}
+    assert {(row["role"], row["fold"]) for row in rows} == {("in-federation", "")}
     table = (output / "comparison.md").read_text()
-    assert "| harmofl |" in table and "| fedavg |" in table and "**" in table and " ± " in table
+    assert "| harmofl |" in table and "| fedavg |" in table and " ± " in table and "| best |" in table
+    assert "Unseen sites" not in table  # nothing was held out
+    assert "| harmofl | " in table.split("Paired difference to fedavg")[1]
     assert (output / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
     compare.run_comparison(config, "harmofl,fedavg", "0,1", tmp_path, TINY)
@@ -53,6 +56,40 @@ def test_compare_writes_tables_reuses_finished_runs_and_resumes_interrupted_ones
     config.write_text(config.read_text().replace("rounds: 20", "rounds: 3"))  # an edited config is not reused
     compare.run_comparison(config, "fedavg", "1", tmp_path, TINY)
     assert len(spy) == 6 and "--ckpt_path" not in spy[-1]
+
+
+def test_leave_one_site_out_trains_without_each_site_and_tables_it_as_unseen(tmp_path, spy):
+    config = tmp_path / "demo.yaml"
+    config.write_text((REPO / "configs" / "demo.yaml").read_text())
+    tiny = TINY.replace("--data.num_sites 2", "--data.num_sites 3")
+    output = compare.run_comparison(config, "fedavg", "0", tmp_path, tiny, protocol="loso", held_out="site_0,site_2")
+    assert len(spy) == 2
+    assert [command[command.index("--trainer.held_out_clients") + 1] for command in spy] == ['["site_0"]', '["site_2"]']
+    with (output / "comparison.csv").open() as handle:
+        rows = [row for row in csv.DictReader(handle) if row["metric"] == "accuracy"]
+    unseen = {(row["fold"], row["client"]) for row in rows if row["role"] == "unseen"}
+    assert unseen == {("site_0", "site_0"), ("site_2", "site_2")}  # each fold's held-out site, and only it
+    trained = {(row["fold"], row["client"]) for row in rows if row["role"] == "in-federation"}
+    assert trained == {("site_0", "site_1"), ("site_0", "site_2"), ("site_2", "site_0"), ("site_2", "site_1")}
+    table = (output / "comparison.md").read_text()
+    unseen_table = table.split("Unseen sites")[1]
+    assert "| strategy | site_0 | site_2 | mean |" in unseen_table and "--protocol loso" in table
+    assert (output / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "fedavg" / "site_2" / "seed_0" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"protocol": "loso", "held_out": "site_9"}, "Cannot hold out.*site_9.*site_0"),
+        ({"held_out": "site_0"}, "needs --protocol loso"),
+        ({"protocol": "lopo"}, "Unknown protocol 'lopo'"),
+    ],
+)
+def test_bad_protocol_settings_are_refused_before_any_run(tmp_path, spy, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        compare.run_comparison(str(REPO / "configs" / "demo.yaml"), "fedavg", "0", tmp_path, **kwargs)
+    assert spy == []
 
 
 def test_unknown_strategy_is_rejected_with_the_available_ones(tmp_path):
