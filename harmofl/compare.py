@@ -260,7 +260,9 @@ def _markdown(
         if values:
             lines += ["", *markdown_table(values, names, captions[role]), ""]
     paired = paired_table(by_role, names, baseline)
-    if paired:
+    if baseline not in names:
+        lines += ["", f"No paired differences: the baseline {baseline!r} is not among the strategies (`--baseline`)."]
+    elif paired:
         lines += [
             "",
             f"Paired difference to {baseline} over (seed × site) pairs: mean ± 95 % CI, Wilcoxon signed-rank "

@@ -113,3 +113,4 @@ def test_compare_through_the_cli_uses_the_given_config(tmp_path):
     )
     table = (tmp_path / "comparison.md").read_text()
     assert "| local |" in table and "Test dice" in table and "--config configs/demo_seg.yaml" in table
+    assert "No paired differences: the baseline 'fedavg' is not among the strategies" in table
