@@ -120,7 +120,8 @@ def paired_rows(values: SiteValues, strategies: Sequence[str], baseline: str) ->
             f"{result.mean:+.3f}" if math.isnan(result.half_width) else f"{result.mean:+.3f} ± {result.half_width:.3f}"
         )
         marker = " *" if result.significant else ""
-        cells[name] = f"{interval} | {result.p_value:.3f}{marker} | {result.pairs}"
+        p_value = f"{result.p_value:.3f}" if result.p_value >= 0.001 else "< 0.001"
+        cells[name] = f"{interval} | {p_value}{marker} | {result.pairs}"
     return cells
 
 
