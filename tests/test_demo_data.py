@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harmofl.data import SPLITS, DemoHistology, DemoNuclei, FederatedDataModule
+from harmofl.data import SPLITS, DemoHistology, DemoNuclei, FederatedDataModule, ScannerShiftHistology
 from harmofl.data.imaging import EOSIN_OD, HEMATOXYLIN_OD, SiteImaging, default_sites, gaussian_blur, render
+from harmofl.data.scanner_shift import SCANNER_SHIFT_SITES
 from harmofl.data.synthesis import synthesize_tissue
 
 SMALL = dict(num_sites=4, train_per_site=24, val_per_site=8, test_per_site=8, image_size=32)
@@ -114,6 +115,27 @@ def test_render_rejects_mismatched_concentrations() -> None:
         render(torch.zeros(2, 8, 8), torch.zeros(2, 8, 9), SiteImaging())
 
 
+def test_magnification_shows_the_central_field_enlarged() -> None:
+    """A scanner with half the pixel size images the central half of the field onto the same pixels: a stain
+    pattern seen at magnification 2 equals the ideal scanner's view of its central crop, enlarged bilinearly."""
+    h_conc = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(0))
+    e_conc = torch.zeros_like(h_conc)
+    magnified = render(h_conc, e_conc, SiteImaging(magnification=2.0))
+    crop = F.interpolate(h_conc[:, None, 4:12, 4:12], size=(16, 16), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(magnified, render(crop, e_conc, SiteImaging()))
+
+
+def test_scanner_shift_demo_has_five_fixed_sites_and_few_labels() -> None:
+    module = ScannerShiftHistology(cache=False, train_per_site=4, val_per_site=2, test_per_site=2, image_size=32)
+    assert module.client_names == [f"site_{index}" for index in range(5)]
+    assert module.sites == list(SCANNER_SHIFT_SITES) and ScannerShiftHistology().split_sizes["train"] == 48
+    module.setup()
+    images, labels = module.dataset("site_2", "train").tensors
+    assert images.shape == (4, 3, 32, 32) and labels.tolist().count(1) == 2
+    means = [module.dataset(site, "train").tensors[0].mean().item() for site in module.client_names]
+    assert max(means) - min(means) > 0.05  # the hospitals' scanners differ visibly
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
@@ -124,6 +146,7 @@ def test_render_rejects_mismatched_concentrations() -> None:
         ("noise_std", -0.1),
         ("background", (0.1, -0.2, 0.0)),
         ("eosin", (0.1, 0.2)),
+        ("magnification", 0.9),
     ],
 )
 def test_site_imaging_rejects_bad_values(field: str, value: object) -> None:
