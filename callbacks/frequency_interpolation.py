@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import LightningModule
@@ -10,6 +10,7 @@ from torch import Tensor
 
 from callbacks.site_bank import SiteBankCallback, images_and_targets
 from harmofl.amplitude import amplitude_spectrum, check_band
+from harmofl.data.base import Split
 from harmofl.federation.store import to_host
 from harmofl.frequency_interpolation import draw_amplitudes, interpolate_amplitude
 
@@ -60,9 +61,7 @@ class AmplitudeExchange(SiteBankCallback):
             self.client_summaries[client] = torch.cat(self._collected)[: self.bank_size]
         self._collected = None
 
-    def transform_batch(
-        self, trainer: FederatedTrainer, pl_module: LightningModule, batch: Any, stage: Literal["train", "val", "test"]
-    ) -> Any:
+    def transform_batch(self, trainer: FederatedTrainer, pl_module: LightningModule, batch: Any, stage: Split) -> Any:
         if stage != "train":
             return batch
         images, targets = images_and_targets(batch, type(self).__name__)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import LightningModule
@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from callbacks.site_bank import SiteBankCallback, images_and_targets
+from harmofl.data.base import Split
 from harmofl.federation.topology import POOLED_CLIENT
 from harmofl.random_normalization import channel_statistics, normalize, random_site_normalization
 
@@ -34,9 +35,7 @@ class RandomDomainNormalization(SiteBankCallback):
     the client's own statistics. Composable with any aggregation (the ``fedrdn`` strategy uses FedAvg).
     """
 
-    def transform_batch(
-        self, trainer: FederatedTrainer, pl_module: LightningModule, batch: Any, stage: Literal["train", "val", "test"]
-    ) -> Any:
+    def transform_batch(self, trainer: FederatedTrainer, pl_module: LightningModule, batch: Any, stage: Split) -> Any:
         images, targets = images_and_targets(batch, type(self).__name__)
         client = _current_client(trainer)
         own = self.own_statistics(trainer, client)

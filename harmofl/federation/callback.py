@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from lightning.pytorch import Callback, LightningModule
+
+from harmofl.data.base import Split
 
 if TYPE_CHECKING:
     from harmofl.trainer import FederatedTrainer
@@ -36,9 +38,7 @@ class FederatedCallback(Callback):
         sends them with the training replies)."""
         return False
 
-    def transform_batch(
-        self, trainer: FederatedTrainer, pl_module: LightningModule, batch: Any, stage: Literal["train", "val", "test"]
-    ) -> Any:
+    def transform_batch(self, trainer: FederatedTrainer, pl_module: LightningModule, batch: Any, stage: Split) -> Any:
         """The batch the client's step sees instead of ``batch`` (on its device, before the ``on_*_batch_start``
         hooks): a data augmentation that needs the federation, and may change the batch's size. Identity by default;
         callbacks transform in their order in ``trainer.callbacks``."""

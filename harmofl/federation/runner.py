@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -90,7 +90,7 @@ class LocalRunner:
     def _call(self, hook: str, **kwargs: Any) -> None:
         self.fabric.call(hook, trainer=self.trainer, pl_module=self.module, **kwargs)
 
-    def _transformed(self, batch: Any, stage: Literal["train", "val", "test"]) -> Any:
+    def _transformed(self, batch: Any, stage: Split) -> Any:
         for callback in self.trainer.federated_callbacks:
             batch = callback.transform_batch(self.trainer, self.module, batch, stage)
         return batch
