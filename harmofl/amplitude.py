@@ -21,7 +21,8 @@ from torch import Tensor
 MAX_BAND = 0.5
 
 
-def _check_images(images: Tensor) -> None:
+def check_images(images: Tensor) -> None:
+    """Refuse anything but a batch of images ``[B, C, H, W]``."""
     if images.ndim != 4:
         raise ValueError(f"Expected images of shape [B, C, H, W], got shape {tuple(images.shape)}.")
 
@@ -36,8 +37,8 @@ def check_band(band: float) -> float:
 
 def amplitude_spectrum(images: Tensor) -> Tensor:
     """``|FFT2|`` of every image and channel, in float32 (or float64 for float64 input), unshifted."""
-    _check_images(images)
-    return torch.fft.fft2(_fft_dtype(images)).abs()
+    check_images(images)
+    return torch.fft.fft2(fft_precision(images)).abs()
 
 
 def low_frequency_mask(height: int, width: int, band: float, device: torch.device | None = None) -> Tensor:
@@ -59,7 +60,7 @@ def harmonize(images: Tensor, target_amplitude: Tensor, band: float) -> Tensor:
     Returns:
         The harmonized images, same shape and dtype as ``images``.
     """
-    _check_images(images)
+    check_images(images)
     if target_amplitude.shape != images.shape[1:]:
         raise ValueError(
             f"Target amplitude shape {tuple(target_amplitude.shape)} does not match the images' "
@@ -69,18 +70,23 @@ def harmonize(images: Tensor, target_amplitude: Tensor, band: float) -> Tensor:
     height, width = images.shape[-2:]
     if int(height * band) == 0 and int(width * band) == 0:
         return _harmonize_dc(images, target_amplitude)
-    spectrum = torch.fft.fft2(_fft_dtype(images))
-    mask = low_frequency_mask(height, width, band, images.device)
+    spectrum = torch.fft.fft2(fft_precision(images))
     target = target_amplitude.to(device=images.device, dtype=spectrum.real.dtype)
-    swapped = torch.polar(target.expand_as(spectrum.real), spectrum.angle())
-    harmonized = torch.fft.ifft2(torch.where(mask, swapped, spectrum)).real
-    return harmonized.to(images.dtype)
+    return torch.fft.ifft2(with_amplitude_in_window(spectrum, target, band)).real.to(images.dtype)
+
+
+def with_amplitude_in_window(spectrum: Tensor, amplitude: Tensor, band: float) -> Tensor:
+    """``spectrum`` (``[B, C, H, W]``, unshifted) whose amplitude inside the ``band`` window is ``amplitude``
+    (broadcast to it), its phase kept everywhere; outside the window the spectrum is unchanged."""
+    mask = low_frequency_mask(spectrum.shape[-2], spectrum.shape[-1], band, spectrum.device)
+    swapped = torch.polar(amplitude.expand_as(spectrum.real), spectrum.angle())
+    return torch.where(mask, swapped, spectrum)
 
 
 def _harmonize_dc(images: Tensor, target_amplitude: Tensor) -> Tensor:
     """The DC-only window without an FFT: the DC coefficient is the channel's sum (a real number of phase 0
     or π), so replacing its amplitude is a per-channel shift of ``(±target_dc - sum) / (H·W)``."""
-    values = _fft_dtype(images)
+    values = fft_precision(images)
     total = values.sum(dim=(-2, -1), keepdim=True)
     target_dc = target_amplitude[:, :1, :1].to(device=images.device, dtype=values.dtype)
     new_dc = torch.where(total < 0, -target_dc, target_dc)
@@ -102,7 +108,8 @@ def update_running_amplitude(running: Tensor | None, batch_amplitude: Tensor, mo
     return torch.lerp(running.to(batch_mean), batch_mean, momentum)
 
 
-def _fft_dtype(images: Tensor) -> Tensor:
+def fft_precision(images: Tensor) -> Tensor:
+    """``images`` in the precision their FFT runs in: float32 (float64 stays float64)."""
     # Half-precision FFTs are restricted to power-of-two sizes on CUDA and lose the amplitude's dynamic
     # range; harmonize in float32 (float64 stays float64) and cast back afterwards.
     return images if images.dtype in (torch.float32, torch.float64) else images.float()

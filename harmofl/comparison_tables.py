@@ -58,8 +58,13 @@ def columns(values: SiteValues) -> list[str]:
 
 
 def format_interval(samples: Sequence[float]) -> str:
-    mean, half_width = confidence_interval(samples)
-    return f"{mean:.3f}" if math.isnan(half_width) else f"{mean:.3f} ± {half_width:.3f}"
+    return _interval_text(*confidence_interval(samples))
+
+
+def _interval_text(mean: float, half_width: float, signed: bool = False) -> str:
+    """``mean ± half-width`` to 3 decimals, the mean alone when there is no interval (one sample)."""
+    center = f"{mean:+.3f}" if signed else f"{mean:.3f}"
+    return center if math.isnan(half_width) else f"{center} ± {half_width:.3f}"
 
 
 def markdown_table(values: SiteValues, strategies: Sequence[str], caption: str) -> list[str]:
@@ -116,9 +121,7 @@ def paired_rows(values: SiteValues, strategies: Sequence[str], baseline: str) ->
         if not pairs:
             continue
         result = paired_difference([a for a, _ in pairs], [b for _, b in pairs])
-        interval = (
-            f"{result.mean:+.3f}" if math.isnan(result.half_width) else f"{result.mean:+.3f} ± {result.half_width:.3f}"
-        )
+        interval = _interval_text(result.mean, result.half_width, signed=True)
         marker = " *" if result.significant else ""
         p_value = f"{result.p_value:.3f}" if result.p_value >= 0.001 else "< 0.001"
         cells[name] = f"{interval} | {p_value}{marker} | {result.pairs}"

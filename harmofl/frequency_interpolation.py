@@ -17,12 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from harmofl.amplitude import check_band, low_frequency_mask
-
-
-def _check_images(images: Tensor) -> None:
-    if images.ndim != 4:
-        raise ValueError(f"Expected images of shape [B, C, H, W], got shape {tuple(images.shape)}.")
+from harmofl.amplitude import check_band, check_images, fft_precision, with_amplitude_in_window
 
 
 def interpolate_amplitude(images: Tensor, other_amplitudes: Tensor, lam: Tensor, band: float) -> Tensor:
@@ -38,7 +33,7 @@ def interpolate_amplitude(images: Tensor, other_amplitudes: Tensor, lam: Tensor,
     Returns:
         The interpolated images, same shape and dtype as ``images`` (computed in float32 for half inputs).
     """
-    _check_images(images)
+    check_images(images)
     if other_amplitudes.shape != images.shape:
         raise ValueError(
             f"other_amplitudes has shape {tuple(other_amplitudes.shape)}, the images {tuple(images.shape)}: every "
@@ -49,15 +44,10 @@ def interpolate_amplitude(images: Tensor, other_amplitudes: Tensor, lam: Tensor,
     if not bool(((lam >= 0) & (lam <= 1)).all()):
         raise ValueError(f"lam must lie in [0, 1], got values from {float(lam.min())} to {float(lam.max())}.")
     check_band(band)
-    # Half-precision FFTs are restricted to power-of-two sizes on CUDA and lose the amplitude's dynamic range
-    # (amplitude.py's convention): float32 (float64 stays float64), cast back at the end.
-    values = images if images.dtype in (torch.float32, torch.float64) else images.float()
-    spectrum = torch.fft.fft2(values)
+    spectrum = torch.fft.fft2(fft_precision(images))
     amplitude = spectrum.abs()
     mixed = torch.lerp(amplitude, other_amplitudes.to(amplitude), lam.to(amplitude)[:, None, None, None])
-    mask = low_frequency_mask(images.shape[-2], images.shape[-1], band, images.device)
-    interpolated = torch.where(mask, torch.polar(mixed, spectrum.angle()), spectrum)
-    return torch.fft.ifft2(interpolated).real.to(images.dtype)
+    return torch.fft.ifft2(with_amplitude_in_window(spectrum, mixed, band)).real.to(images.dtype)
 
 
 def draw_amplitudes(bank: Sequence[Tensor], count: int, device: torch.device) -> Tensor:

@@ -14,10 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-
-def _check_images(images: Tensor) -> None:
-    if images.ndim != 4:
-        raise ValueError(f"Expected images of shape [B, C, H, W], got shape {tuple(images.shape)}.")
+from harmofl.amplitude import check_images
 
 
 def channel_statistics(batches: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
@@ -28,7 +25,7 @@ def channel_statistics(batches: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
     """
     count, total, total_sq = 0, None, None
     for images in batches:
-        _check_images(images)
+        check_images(images)
         values = images.detach().to(torch.float64)
         if total is not None and total.shape[0] != values.shape[1]:
             raise ValueError(
@@ -54,7 +51,7 @@ def channel_statistics(batches: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
 
 def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """``(x − μ) / σ`` per channel, with ``mean`` and ``std`` of shape ``[C]``; same dtype as ``images``."""
-    _check_images(images)
+    check_images(images)
     channels = images.shape[1]
     for name, value in (("mean", mean), ("std", std)):
         if value.shape != (channels,):
@@ -67,7 +64,7 @@ def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 def random_site_normalization(images: Tensor, means: Tensor, stds: Tensor) -> Tensor:
     """Each image normalized with the statistics of a site drawn uniformly, per image, over the ``K`` rows of
     ``means`` and ``stds`` (``[K, C]``), from torch's global RNG on the images' device."""
-    _check_images(images)
+    check_images(images)
     batch, channels = images.shape[:2]
     for name, value in (("means", means), ("stds", stds)):
         if value.ndim != 2 or value.shape[0] < 1 or value.shape[1] != channels:
