@@ -22,8 +22,10 @@ class Scaffold(FederatedCallback):
     While a client trains, its module's gradients are corrected by ``c − c_i`` (through
     :attr:`~harmofl.clients.base.FederatedClient.gradient_correction`); after its local steps the client's
     control ``c_i`` is updated (option II); after aggregation the server control ``c`` moves by the
-    participants' mean change times the participating fraction. Controls cover the parameters the clients
-    share (not those kept local by ``trainer.local_modules``); they stay on the host between clients.
+    participants' center of changes (as ``trainer.aggregator`` centers updates: their weighted mean, or under a robust
+    aggregator their coordinate-wise median or trimmed mean) times the participating fraction. Controls cover the
+    parameters the clients share (not those kept local by ``trainer.local_modules``); they stay on the host between
+    clients.
     The server control is in the checkpoint's callbacks, each ``c_i`` in its client's record.
 
     The option-II update divides the model change by the steps' total learning rate, so the base optimizer
@@ -74,14 +76,14 @@ class Scaffold(FederatedCallback):
         self.client_controls[client] = updated
 
     def on_aggregate(self, trainer: FederatedTrainer, pl_module: LightningModule, round_idx: int) -> None:
-        """Move the server control by the participants' weighted mean change (every process takes part)."""
-        mean_delta = trainer.aggregate_client_values(self._round_deltas)
+        """Move the server control by the center of the participants' changes (every process takes part)."""
+        center_delta = trainer.aggregate_client_values(self._round_deltas)
         self._round_deltas = {}
-        if mean_delta is None:
+        if center_delta is None:
             return
         participation = len(trainer.federation.participants(round_idx)) / len(trainer.federation.trainees)
-        server = self.server_control or {name: torch.zeros_like(d) for name, d in mean_delta.items()}
-        self.server_control = scaffold.updated_server_control(server, mean_delta, participation)
+        server = self.server_control or {name: torch.zeros_like(d) for name, d in center_delta.items()}
+        self.server_control = scaffold.updated_server_control(server, center_delta, participation)
 
     def _server_control(self, parameters: dict[str, Tensor]) -> Controls:
         return self.server_control if self.server_control is not None else _zeros(parameters)

@@ -97,9 +97,14 @@ def coordinate_median(states: Sequence[StateDict], like: StateDict) -> dict[str,
 def trimmed_mean(states: Sequence[StateDict], trim_ratio: float, like: StateDict) -> dict[str, Tensor]:
     """Coordinate-wise mean after dropping the ``floor(trim_ratio·n)`` largest and smallest values of every
     coordinate (Yin et al. 2018); client weights do not apply."""
+    return _mean_of_middle(states, trim_count(len(states), trim_ratio), like)
+
+
+def trim_count(count: int, trim_ratio: float) -> int:
+    """How many values :func:`trimmed_mean` drops on each side of ``count``: ``floor(trim_ratio·count)``."""
     if not 0.0 <= trim_ratio < 0.5:
         raise ValueError(f"trim_ratio must be in [0, 0.5), got {trim_ratio}.")
-    return _mean_of_middle(states, math.floor(trim_ratio * len(states) + 1e-9), like)
+    return math.floor(trim_ratio * count + 1e-9)  # 0.3·10 is 2.9999999999999996 in floating point
 
 
 def _mean_of_middle(states: Sequence[StateDict], dropped: int, like: StateDict) -> dict[str, Tensor]:

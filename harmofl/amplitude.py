@@ -10,10 +10,14 @@ The window is given by ``band`` in ``[0, 0.5]``: frequencies ``|k_h| <= floor(H�
 ``|k_w| <= floor(W·band)`` are replaced. ``band=0`` replaces the DC coefficient only (what the
 reference code runs: a per-channel mean shift); ``band=0.5`` replaces the whole spectrum (the
 paper's description). For square images this is the reference's ``floor(min(H, W)·L)``
-half-width after ``fftshift``.
+half-width after ``fftshift``. Only the window of a target is ever read: a target is kept and exchanged as its
+window (:func:`crop_window`, ``[C, 1, 1]`` for ``band=0``) and expanded for :func:`harmonize`
+(:func:`expand_window`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -47,6 +51,45 @@ def low_frequency_mask(height: int, width: int, band: float, device: torch.devic
     rows = _integer_frequencies(height, device).abs() <= int(height * band)
     cols = _integer_frequencies(width, device).abs() <= int(width * band)
     return rows[:, None] & cols[None, :]
+
+
+def window_indices(size: int, band: float, device: torch.device | None = None) -> Tensor:
+    """The frequency indices of one axis of ``size`` that lie in the ``band`` window, in unshifted FFT order."""
+    check_band(band)
+    return torch.nonzero(_integer_frequencies(size, device).abs() <= int(size * band)).flatten()
+
+
+def window_shape(image_shape: Sequence[int], band: float) -> tuple[int, int, int]:
+    """The shape ``[C, h, w]`` of the ``band`` window of images of ``image_shape`` ``[C, H, W]`` (``[C, 1, 1]`` for
+    the DC coefficient only, ``[C, H, W]`` for the whole spectrum)."""
+    check_band(band)
+    channels, height, width = image_shape
+    # Counted, not listed: a size claimed by an untrusted site must not allocate anything.
+    return channels, min(height, 2 * int(height * band) + 1), min(width, 2 * int(width * band) + 1)
+
+
+def crop_window(amplitude: Tensor, band: float) -> Tensor:
+    """The coefficients of ``amplitude`` (``[..., H, W]``, unshifted) inside the ``band`` window: ``[..., h, w]``,
+    in unshifted order. All that :func:`harmonize` reads of a target."""
+    rows = window_indices(amplitude.shape[-2], band, amplitude.device)
+    cols = window_indices(amplitude.shape[-1], band, amplitude.device)
+    return amplitude.index_select(-2, rows).index_select(-1, cols)
+
+
+def expand_window(window: Tensor, image_shape: Sequence[int], band: float) -> Tensor:
+    """A ``[C, H, W]`` target amplitude whose ``band`` window holds ``window`` (from :func:`crop_window`) and whose
+    other coefficients, which :func:`harmonize` never reads, are 0."""
+    expected = window_shape(image_shape, band)
+    if tuple(window.shape) != expected:
+        raise ValueError(
+            f"Amplitude window shape {tuple(window.shape)} does not fit images {tuple(image_shape)} with band={band}: "
+            f"expected {expected}. Every client must use the same image size, channels and band."
+        )
+    channels, height, width = image_shape
+    rows, cols = window_indices(height, band, window.device), window_indices(width, band, window.device)
+    target = window.new_zeros((channels, height, width))
+    target[:, rows[:, None], cols[None, :]] = window
+    return target
 
 
 def harmonize(images: Tensor, target_amplitude: Tensor, band: float) -> Tensor:

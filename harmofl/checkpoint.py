@@ -2,67 +2,38 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
+
+from harmofl.run_folder import atomic_file, remove_stale_temporaries
 
 FORMAT_KEY = "harmofl_checkpoint"
 FORMAT_VERSION = 1
 
 
 def atomic_torch_save(data: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over ``path``: a crash at
-    any moment leaves either the previous file or the new one, never a truncated one."""
-    with _atomic_file(path) as handle:
+    """``torch.save`` through :func:`harmofl.run_folder.atomic_file`: a crash at any moment leaves either the
+    previous file or the new one, never a truncated one."""
+    with atomic_file(path) as handle:
         torch.save(data, handle)
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write a federated checkpoint atomically: a crash never leaves a truncated file. Its only writer (the first
-    process) also removes the temporary files of writers killed before."""
-    with _atomic_file(path, remove_stale=True) as handle:
-        torch.save({FORMAT_KEY: FORMAT_VERSION, **state}, handle)
+    """Write a federated checkpoint atomically: a crash never leaves a truncated file. Its only writer (the holder
+    of the run folder's lock) also removes the temporary files of writers killed before."""
+    atomic_torch_save({FORMAT_KEY: FORMAT_VERSION, **state}, path)
+    remove_stale_temporaries(path)
 
 
 def copy_checkpoint(source: Path, destination: Path) -> None:
-    """Atomically copy a checkpoint file (``last.ckpt`` to ``best.ckpt``)."""
-    with _atomic_file(destination, remove_stale=True) as handle, source.open("rb") as original:
+    """Atomically copy a checkpoint file (``last.ckpt`` to ``best.ckpt``); its only writer, like
+    :func:`save_checkpoint`, also removes what killed writers left."""
+    with atomic_file(destination) as handle, source.open("rb") as original:
         shutil.copyfileobj(original, handle)
-
-
-@contextlib.contextmanager
-def _atomic_file(path: Path, remove_stale: bool = False) -> Iterator[IO[bytes]]:
-    """A temporary file to write ``path``'s new content into; on success it is flushed to disk and renamed over
-    ``path`` (the rename made durable too). ``remove_stale`` then deletes the temporary files of killed writers:
-    only for a path with a single writer, whose concurrent writes it would otherwise break."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{path.name}.tmp."
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=prefix, delete=False) as handle:
-        temporary = Path(handle.name)
-        try:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
-    try:
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-    for stale in path.parent.glob(f"{prefix}*") if remove_stale else ():
-        stale.unlink(missing_ok=True)
+    remove_stale_temporaries(destination)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -12,12 +12,28 @@ import warnings
 from pathlib import Path
 
 from jsonargparse import ArgumentParser
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from harmofl.clients import FederatedClient
 from harmofl.compare import run_comparison
 from harmofl.data import FederatedDataModule
+from harmofl.run_folder import atomic_write_text
 from harmofl.trainer import FederatedTrainer
+
+
+class AtomicSaveConfig(SaveConfigCallback):
+    """Lightning's ``config.yaml`` of the run, written atomically as every output of a run
+    (:mod:`harmofl.run_folder`), by rank 0 once the trainer holds the run folder (its ``setup`` hook, inside ``fit``);
+    an existing one is replaced: a resumed run records the configuration it continued with."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        if trainer.is_global_zero:
+            text = self.parser.dump(self.config, skip_none=False)
+            atomic_write_text(Path(trainer.log_dir or ".") / self.config_filename, text)
+        self.already_saved = True
 
 
 class HarmoFLCLI(LightningCLI):
@@ -30,6 +46,9 @@ class HarmoFLCLI(LightningCLI):
         # One seed for the whole run: model initialization and the per-round, per-client data order. A boolean
         # seed_everything is resolved in `before_instantiate_classes`, once Lightning has drawn the seed.
         parser.link_arguments("seed_everything", "trainer.seed", compute_fn=_trainer_seed)
+        # Data that read class labels from files (SiteFolders) refuse a label the model has no class for before
+        # training; jsonargparse links only into data classes that take `num_classes`.
+        parser.link_arguments("model.init_args.num_classes", "data.init_args.num_classes")
 
     def before_instantiate_classes(self) -> None:
         # Without a subcommand (``run=False``: the Flower apps build their objects) the config is top-level.
@@ -50,15 +69,20 @@ def _trainer_seed(seed_everything: bool | int) -> int:
     return 0 if isinstance(seed_everything, bool) else int(seed_everything)
 
 
-def build(args: list[str]) -> HarmoFLCLI:
+def build(args: list[str], save_config: bool = False) -> HarmoFLCLI:
     """The trainer, client model and data a configuration describes (``args`` as on the command line, without
-    a subcommand), instantiated as ``cli.py fit`` would: ``cli.trainer``, ``cli.model``, ``cli.datamodule``."""
+    a subcommand), instantiated as ``cli.py fit`` would: ``cli.trainer``, ``cli.model``, ``cli.datamodule``;
+    ``save_config``: the trainer's ``fit`` writes ``config.yaml`` in its run folder, as ``cli.py fit`` does."""
     with warnings.catch_warnings():
         # The process's own command line (pytest's, flwr-clientapp's) is not this configuration's: nothing to warn.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         # A bad setting raises (ArgumentError names it) instead of exiting the process: a Flower app reports it.
         return HarmoFLCLI(
-            **_cli_kwargs(), args=args, run=False, save_config_callback=None, parser_kwargs={"exit_on_error": False}
+            **_cli_kwargs(),
+            args=args,
+            run=False,
+            save_config_callback=AtomicSaveConfig if save_config else None,
+            parser_kwargs={"exit_on_error": False},
         )
 
 
@@ -83,4 +107,4 @@ def main() -> None:
         parser.add_function_arguments(run_comparison)
         run_comparison(**parser.parse_args(sys.argv[2:]).as_dict())
         return
-    HarmoFLCLI(**_cli_kwargs(), save_config_kwargs={"overwrite": True})
+    HarmoFLCLI(**_cli_kwargs(), save_config_callback=AtomicSaveConfig)

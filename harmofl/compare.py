@@ -9,18 +9,30 @@ out stay unseen); ``loso`` (leave one site out) trains one federation per held-o
 model every round without ever training or sending anything.
 
 Each run is a ``cli.py fit`` subprocess writing to ``<output>/<strategy>/seed_<seed>`` (``loso``:
-``<output>/<strategy>/<site>/seed_<seed>``); a finished run (same command, same config file contents) is reused,
-an interrupted one continues from its ``last.ckpt``. Outputs: ``comparison.csv`` (one row per test metric of a
-client in a run), ``comparison.md`` (in-federation and unseen-site tables, mean ± 95 % CI over seeds, paired
-differences to the baseline with Wilcoxon p-values, "tied" where the best is not distinguishable) and
-``comparison.png`` (convergence per strategy, averaged over seeds and folds).
+``<output>/<strategy>/<site>/seed_<seed>``). Outputs: ``comparison.csv`` (one row per test metric of a client in a
+run), ``comparison.md`` (in-federation and unseen-site tables, mean ± 95 % CI over seeds, paired differences to the
+baseline with Wilcoxon p-values, "tied" where the best is not distinguishable) and ``comparison.png`` (convergence
+per strategy, averaged over seeds and folds).
+
+Reuse. A run folder records the key of the run it holds (:func:`harmofl.run_key.run_key`: the fit command, the code
+version, the SHA-256 of every config file the run reads) in ``compare_started.json``, then ``compare_done.json``
+once finished. A finished run with the same key is reused, an interrupted one continues from its ``last.ckpt``. A
+folder holding a run made with another key (or files compare did not make) is never overwritten: compare refuses,
+naming the folder and how the keys differ; pass a new ``--output_dir``, or ``--rerun_changed true`` to move the old
+run aside to ``<run>.replaced-<UTC time>`` (kept, not deleted) and run again.
+
+Safety. Compare holds its output folder's lock and each fit its run folder's (:mod:`harmofl.run_folder`), so a
+second comparison into the same folder is refused; every file is written atomically. Strategy names are plain names
+(no ``/``, no ``..``) or overlay files, whose run folders take the file's sanitized stem; every run folder is
+checked to lie inside the output folder.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
+import io
 import json
+import re
 import shlex
 import statistics
 import subprocess
@@ -32,15 +44,17 @@ from typing import Any, Literal
 
 from harmofl import reporting
 from harmofl.comparison_tables import ROLES, Measurement, Role, SiteValues, markdown_table, paired_table, site_values
+from harmofl.run_folder import RunFolderLock, atomic_write_text
+from harmofl.run_key import claim, finished, mark_done, run_key
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGY_DIR = REPO / "configs" / "strategies"
-DONE_FILE = "compare_done.json"
-STARTED_FILE = "compare_started.json"
 DEFAULT_STRATEGIES = (
     "harmofl,fedavg,fedbn,fedprox,fednova,fedavgm,fedadam,fedyogi,scaffold,moon,fedsam,harmonization,local,pooled"
 )
 Protocol = Literal["federated", "loso"]
+# A strategy name becomes a folder name: one path component, no hidden or parent folder.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,7 @@ def run_comparison(
     protocol: Protocol = "federated",
     held_out: str = "",
     baseline: str = "fedavg",
+    rerun_changed: bool = False,
 ) -> Path:
     """Run every strategy × seed on ``config`` and write comparison.csv / .md / .png.
 
@@ -81,6 +96,8 @@ def run_comparison(
             per held-out site, which is evaluated as an unseen site).
         held_out: ``loso`` only: comma-separated sites to hold out in turn; default every site of the data.
         baseline: the strategy every other one is compared with, pair by pair (seed × site).
+        rerun_changed: a run folder holding a run made with another key (code, config files or command) is moved
+            aside to ``<run>.replaced-<UTC time>`` and run again; without it compare refuses to touch it.
 
     Returns:
         The output folder.
@@ -97,36 +114,64 @@ def run_comparison(
     folds = _folds(Path(config), extra, held_out) if protocol == "loso" else [""]
     output = Path(output_dir or Path("runs") / f"compare_{Path(config).stem}{'_loso' if protocol == 'loso' else ''}")
     runs = [
-        Run(name, overlay, seed, fold, output / name / fold / f"seed_{seed}")
+        Run(name, overlay, seed, fold, _inside(output, Path(name, fold, f"seed_{seed}")))
         for name, overlay in overlays.items()
         for fold in folds
         for seed in seed_values
     ]
-    for run in runs:
-        _fit(Path(config), run, extra)
-    measurements = [m for run in runs for m in _measurements(run)]
-    metric = _primary_metric(measurements)
-    _write_csv(measurements, output / "comparison.csv")
-    command = _command_line(config, overlays, seeds, overrides, protocol, held_out, baseline)
-    (output / "comparison.md").write_text(_markdown(measurements, list(overlays), metric, baseline, seeds, command))
-    _plot(runs, metric, output / "comparison.png")
-    print((output / "comparison.md").read_text())
+    with RunFolderLock(output):
+        for run in runs:
+            _fit(Path(config), run, extra, rerun_changed)
+        measurements = [m for run in runs for m in _measurements(run)]
+        metric = _primary_metric(measurements)
+        _write_csv(measurements, output / "comparison.csv")
+        command = _command_line(config, overlays, seeds, overrides, protocol, held_out, baseline)
+        table = _markdown(measurements, list(overlays), metric, baseline, seeds, command)
+        atomic_write_text(output / "comparison.md", table)
+        _plot(runs, metric, output / "comparison.png")
+    print(table)
     return output
 
 
 def _overlays(strategies: str) -> dict[str, Path]:
-    """Strategy name → overlay file: a name of ``configs/strategies/``, or the path of a YAML overlay."""
+    """Strategy name → overlay file: a plain name of ``configs/strategies/``, or the path of a YAML overlay
+    (named by its file's stem, made a plain name)."""
     entries = [entry.strip() for entry in strategies.split(",") if entry.strip()]
     if not entries:
         raise ValueError(f"Give at least one strategy; available: {available_strategies()}.")
+    bad = [entry for entry in entries if not entry.endswith((".yaml", ".yml")) and not PLAIN_NAME.fullmatch(entry)]
+    if bad:
+        raise ValueError(
+            f"Strategies {bad} are neither plain names (letters, digits, '_', '-', '.'; no '/' or leading '.': a "
+            f"name becomes a run folder) nor overlay files (*.yaml); available: {available_strategies()}."
+        )
     paths = [Path(entry) if entry.endswith((".yaml", ".yml")) else STRATEGY_DIR / f"{entry}.yaml" for entry in entries]
     unknown = [entry for entry, path in zip(entries, paths, strict=True) if not path.is_file()]
     if unknown:
         raise ValueError(f"Unknown strategies {unknown}; available: {available_strategies()} or an overlay file.")
-    overlays = {path.stem: path for path in paths}
+    overlays = {_plain_name(path.stem): path for path in paths}
     if len(overlays) != len(entries):
         raise ValueError(f"Strategies must have distinct names, got {entries}.")
     return overlays
+
+
+def _plain_name(stem: str) -> str:
+    """An overlay file's stem as a folder name: other characters replaced by ``_``, no leading dots."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", stem).lstrip(".")
+    if not name:
+        raise ValueError(f"Overlay file name {stem!r} makes no folder name: rename the file (letters, digits, '_').")
+    return name
+
+
+def _inside(output: Path, relative: Path) -> Path:
+    """``output / relative``, refused if it resolves outside ``output`` (a site name with ``..`` or ``/``)."""
+    directory = output / relative
+    if relative.is_absolute() or not directory.resolve().is_relative_to(output.resolve()):
+        raise ValueError(
+            f"Run folder {str(relative)!r} would lie outside the output folder {str(output)!r}: strategy and site "
+            "names must be plain folder names."
+        )
+    return directory
 
 
 def _folds(config: Path, extra: list[str], held_out: str) -> list[str]:
@@ -143,9 +188,10 @@ def _folds(config: Path, extra: list[str], held_out: str) -> list[str]:
     return chosen
 
 
-def _fit(config: Path, run: Run, extra: list[str]) -> None:
-    """One ``cli.py fit`` subprocess, unless the same command on the same config files already finished in the
-    run's folder; an interrupted run of the same command and files continues from its ``last.ckpt``."""
+def _fit(config: Path, run: Run, extra: list[str], rerun_changed: bool) -> None:
+    """One ``cli.py fit`` subprocess, unless a run of the same key already finished in the run's folder; an
+    interrupted run of the same key continues from its ``last.ckpt``; a run of another key is refused or, with
+    ``rerun_changed``, moved aside."""
     command = [
         sys.executable,
         str(REPO / "cli.py"),
@@ -163,34 +209,19 @@ def _fit(config: Path, run: Run, extra: list[str]) -> None:
         *(["--trainer.held_out_clients", json.dumps([run.fold])] if run.fold else []),
         *extra,
     ]
-    # The files' contents are part of the key: an edited config must not reuse results made with the old one.
-    key = {"command": command[1:], "config_sha256": _digest([config, run.overlay])}
-    done, started = run.directory / DONE_FILE, run.directory / STARTED_FILE
+    key = run_key(command[1:])
     label = f"{run.strategy} seed {run.seed}" + (f" holding out {run.fold}" if run.fold else "")
-    if _holds(done, key):
+    if finished(run.directory, key):
         print(f"reusing {run.directory}")
         return
     last = run.directory / "checkpoints" / "last.ckpt"
-    resume = ["--ckpt_path", str(last)] if last.is_file() and _holds(started, key) and not done.is_file() else []
-    done.unlink(missing_ok=True)
-    run.directory.mkdir(parents=True, exist_ok=True)
-    started.write_text(json.dumps(key) + "\n")
+    interrupted = claim(run.directory, key, rerun_changed)
+    resume = ["--ckpt_path", str(last)] if interrupted and last.is_file() else []
     print(f"running {label} -> {run.directory}", flush=True)
     result = subprocess.run([*command, *resume], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{label} failed:\n{result.stderr[-4000:]}")
-    done.write_text(json.dumps(key) + "\n")
-
-
-def _digest(files: list[Path]) -> str:
-    hasher = hashlib.sha256()
-    for file in files:
-        hasher.update(file.read_bytes())
-    return hasher.hexdigest()
-
-
-def _holds(marker: Path, key: dict[str, Any]) -> bool:
-    return marker.is_file() and json.loads(marker.read_text()) == key
+    mark_done(run.directory, key)
 
 
 def _measurements(run: Run) -> list[Measurement]:
@@ -217,10 +248,11 @@ def _primary_metric(measurements: Sequence[Measurement]) -> str:
 
 
 def _write_csv(measurements: Sequence[Measurement], path: Path) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow([field.name for field in fields(Measurement)])
-        writer.writerows(astuple(m) for m in measurements)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow([field.name for field in fields(Measurement)])
+    writer.writerows(astuple(m) for m in measurements)
+    atomic_write_text(path, text.getvalue())
 
 
 def _command_line(

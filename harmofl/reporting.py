@@ -7,6 +7,7 @@ Results travel as ``{client: {split: {metric: value}}}``; a history is a list of
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -16,8 +17,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from harmofl.run_folder import atomic_file, atomic_write_text
+
 Results = Mapping[str, Mapping[str, Mapping[str, float]]]
 MEAN = "mean"
+#: The ``client`` of the history rows that hold server-side values of a round (DP-FedAvg's ``privacy/epsilon``).
+SERVER = "server"
 
 
 def mean_over_clients(results: Results, held_out: Collection[str] = ()) -> dict[str, dict[str, float]]:
@@ -33,8 +38,14 @@ def mean_over_clients(results: Results, held_out: Collection[str] = ()) -> dict[
     return {split: {name: sum(v) / len(v) for name, v in metrics.items()} for split, metrics in collected.items()}
 
 
-def history_rows(round_number: int, results: Results, held_out: Collection[str] = ()) -> list[dict[str, Any]]:
-    """One row per client and split, then the mean rows (over the clients not held out), for one round."""
+def history_rows(
+    round_number: int,
+    results: Results,
+    held_out: Collection[str] = (),
+    server_metrics: Mapping[str, float] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per client and split, then the mean rows (over the clients not held out), for one round; then, if
+    any ``server_metrics``, one row of them (client ``server``, split ``train``: what the training released)."""
     rows = [
         {"round": round_number, "client": client, "split": split, **metrics}
         for client, splits in results.items()
@@ -44,6 +55,8 @@ def history_rows(round_number: int, results: Results, held_out: Collection[str] 
         {"round": round_number, "client": MEAN, "split": split, **metrics}
         for split, metrics in mean_over_clients(results, held_out).items()
     ]
+    if server_metrics:
+        rows.append({"round": round_number, "client": SERVER, "split": "train", **server_metrics})
     return rows
 
 
@@ -60,11 +73,11 @@ def logged_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 def write_metrics_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     """The long-format history: one row per round, client and split; one column per metric."""
     metric_names = sorted({key for row in rows for key in row} - {"round", "client", "split"})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["round", "client", "split", *metric_names], restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=["round", "client", "split", *metric_names], restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
 def read_metrics_csv(path: Path) -> list[dict[str, Any]]:
@@ -113,8 +126,8 @@ def results_at_round(rows: Iterable[Mapping[str, Any]], round_number: int, split
 
 
 def write_json(data: Mapping[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """``data`` as indented JSON, written atomically (:mod:`harmofl.run_folder`)."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def plot_convergence(rows: Sequence[Mapping[str, Any]], metric: str, path: Path, split: str = "val") -> None:
@@ -156,8 +169,8 @@ def plot_panels(
         axis.grid(alpha=0.3)
         axis.legend(fontsize="small", ncol=2)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    with atomic_file(path) as handle:
+        figure.savefig(handle, format=path.suffix.lstrip(".") or "png", dpi=110)
     plt.close(figure)
 
 

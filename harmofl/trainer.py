@@ -7,9 +7,11 @@ recorded and checkpointed. ``docs/architecture.md`` maps the parts (:mod:`harmof
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import functools
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 from lightning.fabric.loggers import Logger
 from lightning.pytorch import Callback
@@ -22,7 +24,7 @@ from harmofl.checkpoint import copy_checkpoint, save_checkpoint
 from harmofl.clients.base import FederatedClient
 from harmofl.data.base import FederatedDataModule, Split
 from harmofl.federation.checkpointing import build_checkpoint, resolve_checkpoint, restore_checkpoint
-from harmofl.federation.collectives import all_gather_objects, weighted_client_mean
+from harmofl.federation.collectives import all_gather_objects
 from harmofl.federation.executor import Executor, InProcessExecutor, Results
 from harmofl.federation.facade import TrainerFacade
 from harmofl.federation.failures import ClientFailure, FailureAction, FailurePolicy
@@ -31,8 +33,28 @@ from harmofl.federation.runner import LocalRunner
 from harmofl.federation.settings import check_run_settings, check_strategy, make_fabric
 from harmofl.federation.store import ClientStore, to_host
 from harmofl.federation.topology import Federation
+from harmofl.run_folder import RunFolderLock
 from harmofl.server_optimizers import Contribution, FedAvg, ServerOptimizer
 from harmofl.validation import NormPolicy, UpdateGuard
+
+Params = ParamSpec("Params")
+Returned = TypeVar("Returned")
+
+
+def _holding_run_folder(
+    method: Callable[Concatenate[FederatedTrainer, Params], Returned],
+) -> Callable[Concatenate[FederatedTrainer, Params], Returned]:
+    """``method`` with rank 0 holding the run folder's :class:`~harmofl.run_folder.RunFolderLock` throughout: a second
+    run into the same folder is refused before anything is written, and the lock goes with the call however it ends
+    (an error, or the process killed)."""
+
+    @functools.wraps(method)
+    def locked(trainer: FederatedTrainer, *args: Params.args, **kwargs: Params.kwargs) -> Returned:
+        lock = RunFolderLock(trainer.root_dir) if trainer.is_global_zero else contextlib.nullcontext()
+        with lock:
+            return method(trainer, *args, **kwargs)
+
+    return locked
 
 
 class FederatedTrainer(TrainerFacade):
@@ -128,6 +150,7 @@ class FederatedTrainer(TrainerFacade):
 
     # -- entry points ------------------------------------------------------------------------------------
 
+    @_holding_run_folder
     def fit(  # type: ignore[override]
         self,
         model: FederatedClient,
@@ -135,7 +158,8 @@ class FederatedTrainer(TrainerFacade):
         ckpt_path: str | None = None,
         executor: Executor | None = None,
     ) -> dict[str, Any]:
-        """Run the federated training; returns the summary of the best round (also in ``summary.json``).
+        """Run the federated training; returns the summary of the best round (also in ``summary.json``). The run
+        folder is this fit's alone while it runs: another fit into it is refused (``RunFolderInUse``).
 
         Args:
             ckpt_path: a checkpoint of this run (``last.ckpt``, or ``last``) to continue from.
@@ -190,6 +214,7 @@ class FederatedTrainer(TrainerFacade):
         self._call("on_round_start", round_idx=round_idx)
         shared = self.shared_global_state()
         participants = self.federation.participants(round_idx)
+        self.aggregator.start_round(round_idx, self.federation)
         self.aggregator.reset(shared, self.fabric.device)
         contributions: dict[str, Contribution] = {}
         failures: dict[str, str] = {}
@@ -224,7 +249,7 @@ class FederatedTrainer(TrainerFacade):
     def _end_round(self, round_idx: int, results: Results) -> None:
         round_number = round_idx + 1
         best_before = self.record.best_round
-        rows = self.record.add_round(round_number, results)
+        rows = self.record.add_round(round_number, results, self.aggregator.round_metrics())
         checkpoint = build_checkpoint(self, round_number)  # collective: every process takes part
         if self.is_global_zero:
             self._call("on_save_checkpoint", checkpoint=checkpoint)
@@ -298,9 +323,16 @@ class FederatedTrainer(TrainerFacade):
         return {key: value for key, value in self.global_state.items() if key not in self.local_keys}
 
     def aggregate_client_values(self, values: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor] | None:
-        """Weighted mean, over every client of every process, of small per-client tensors (amplitude targets):
-        ``values`` holds this process's clients (:func:`~harmofl.federation.collectives.weighted_client_mean`)."""
-        return weighted_client_mean(self.fabric, values, self.federation.client_names, self.federation.client_weight)
+        """The center, over every client of every process, of small per-client tensors (amplitude targets, SCAFFOLD's
+        control changes), as ``trainer.aggregator`` centers updates (:meth:`~harmofl.aggregators.Aggregator.combine`:
+        the weighted mean under ``Mean``, the unweighted median or trimmed mean under the robust ones). ``values``
+        holds this process's clients; None when no client has one."""
+        gathered = self.gather_client_values({client: to_host(dict(value)) for client, value in values.items()})
+        clients = [client for client in self.federation.client_names if client in gathered]  # not the pooled client
+        if not clients:
+            return None
+        weights = [self.federation.client_weight[client] for client in clients]
+        return self.aggregator.combine([gathered[client] for client in clients], weights)
 
     def gather_client_values(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """Every client's entry of ``values`` (this process's clients), from every process, in the federation's
@@ -325,6 +357,8 @@ class FederatedTrainer(TrainerFacade):
         result = reporting.summary(rounds, self.record.best_round, results, self.held_out)
         if self.is_global_zero:
             reporting.print_results_table(f"{split} metrics of {path}", results, self.held_out)
+            # No run folder lock: evaluating the checkpoint of a fit in progress is allowed, and the summary it
+            # writes (atomically) is no file of the fit's.
             reporting.write_json(result, path.parent / f"{split}_summary.json")
         self._call("teardown", stage=split)
         self._finish()

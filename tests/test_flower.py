@@ -18,8 +18,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from harmofl.checkpoint import load_checkpoint
 from harmofl.cli import build
 from harmofl.flower import FlowerExecutor, app, wire
+from harmofl.flower.site_policy import RefusedRequest
+from harmofl.flower.site_store import SiteStateStore
 from harmofl.reporting import read_metrics_csv
-from harmofl.trainer import FederatedTrainer
 
 from helpers import FLOWER_TINY
 
@@ -31,12 +32,13 @@ class LocalGrid(Grid):
     """A Flower Grid that hands each message to the ClientApp of its node, in this process, and records every
     message and reply: the network of a deployment, without the network."""
 
-    def __init__(self, node_configs: list[dict], run_config: dict, fail: dict | None = None) -> None:
+    def __init__(self, node_configs: list[dict], run_config: dict, fail: dict | None = None, tamper=None) -> None:
         self.contexts = {
             node: Context(run_id=1, node_id=node, node_config=config, state=RecordDict(), run_config=run_config)
             for node, config in enumerate(node_configs, start=1)
         }
         self.fail = fail or {}  # (message type, group id, node) -> the error its reply carries
+        self.tamper = tamper  # rewrites a site's reply in place, as a hostile site would (tests/test_flower_replies.py)
         self.traffic: list[tuple[Message, Message]] = []
 
     def set_run(self, run):
@@ -71,6 +73,8 @@ class LocalGrid(Grid):
                     reply = Message(Error(code=0, reason=failure), reply_to=message)
                 else:
                     reply = app.client_app(message, self.contexts[node])
+                    if self.tamper:
+                        self.tamper(reply)
             except Exception as error:  # as flwr-clientapp does: the exception becomes the reply's error
                 reply = Message(Error(code=0, reason=f"{type(error)}:<'{error}'>"), reply_to=message)
             finally:
@@ -81,7 +85,7 @@ class LocalGrid(Grid):
 
 
 def run_flower(
-    tmp_path: Path, overrides: str = FLOWER_TINY, sites=("site_0", "site_1"), fail=None, **run_config
+    tmp_path: Path, overrides: str = FLOWER_TINY, sites=("site_0", "site_1"), fail=None, tamper=None, **run_config
 ) -> LocalGrid:
     run_config = {
         "config": "configs/demo.yaml",
@@ -91,7 +95,9 @@ def run_flower(
         "connect-timeout": 5,
         **run_config,
     }
-    grid = LocalGrid([site if isinstance(site, dict) else {"site": site} for site in sites], run_config, fail)
+    state_dir = {"state-dir": str(tmp_path / "site-state")}  # each site's own disk, in the test's folder
+    node_configs = [{**state_dir, **(site if isinstance(site, dict) else {"site": site})} for site in sites]
+    grid = LocalGrid(node_configs, run_config, fail, tamper)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SERVER_NODE, 1
     app.run_server(
         grid, Context(run_id=1, node_id=SERVER_NODE, node_config={}, state=RecordDict(), run_config=run_config)
@@ -181,10 +187,11 @@ def test_only_shared_weights_and_the_round_one_target_cross_the_network(tmp_path
             assert set(reply.content.config_records[wire.SITE]) == {wire.SITE, wire.TRAIN_SAMPLES}
         if kind == "train":
             assert set(reply.content.metric_records[wire.METRICS]) == {"loss", "num-steps"}
-            if group == "round-1":  # the site's amplitude target, one [C, H, W] spectrum, round 1 only
+            if group == "round-1":  # the site's amplitude target, round 1 only: the DC window [C, 1, 1]
                 states = wire.read_blob(reply.content, wire.CLIENT_STATE)
                 assert list(states) == ["AmplitudeHarmonization"]
-                assert states["AmplitudeHarmonization"]["target"].shape == (3, image_size, image_size)
+                assert states["AmplitudeHarmonization"]["target"].shape == (3, 1, 1)
+                assert states["AmplitudeHarmonization"]["image_shape"] == [3, image_size, image_size]
             else:
                 assert wire.CLIENT_STATE not in reply.content.config_records
         if kind == "evaluate":
@@ -202,10 +209,12 @@ def test_only_shared_weights_and_the_round_one_target_cross_the_network(tmp_path
 
 def test_site_state_stays_at_the_site_between_rounds(tmp_path):
     grid = run_flower(tmp_path, FLOWER_TINY + " trainer.local_modules=[norm]")
-    for context in grid.contexts.values():
-        state = wire.read_blob(context.state, app.SITE_STATE)
+    federation_id = load_checkpoint(tmp_path / "flower" / "checkpoints" / "last.ckpt")["executor"]["federation_id"]
+    for site in ("site_0", "site_1"):  # on the site's disk (tests/test_flower_resume.py), not in the node's memory
+        state = SiteStateStore(tmp_path / "site-state", federation_id, site).load(2)
         assert state["record"]["local_state"] and state["record"]["optimizer_state"]["state"]
-        assert state["callbacks"]["AmplitudeHarmonization"]["target"].shape == (3, 32, 32)
+        assert state["callbacks"]["AmplitudeHarmonization"]["target"].shape == (3, 1, 1)  # the DC window
+    assert all(not context.state.config_records for context in grid.contexts.values())
 
 
 def test_a_failing_site_is_skipped_or_stops_the_run(tmp_path):
@@ -281,14 +290,15 @@ def test_local_dp_clips_each_site_update(tmp_path):
 def test_configuration_errors_name_the_setting(tmp_path):
     with pytest.raises(ValueError, match="needs `config`"):
         app.configuration_args({"overrides": ""}, [])
-    with pytest.raises(FileNotFoundError, match="configs/missing.yaml"):
+    with pytest.raises(RefusedRequest, match="configs/missing.yaml"):
         app.configuration_args({"config": "configs/missing.yaml"}, [])
     with pytest.raises(ValueError, match="key=value"):
         app.configuration_args({"config": "configs/demo.yaml", "overrides": "--trainer.rounds 2"}, [])
     with pytest.raises(RuntimeError, match="could not describe its site.*site_7"):
         run_flower(tmp_path, sites=("site_0", "site_7"))
-    with pytest.raises(RuntimeError, match=r"(?s)could not describe its site.*Option 'root' is not accepted"):
-        run_flower(tmp_path, sites=({"site": "site_0", "data-path": str(tmp_path)}, "site_1"))  # the demo has no root
+    # The demo has no root: the server learns the error's class, the site's log has jsonargparse's text.
+    with pytest.raises(RuntimeError, match=r"could not describe its site.*ArgumentError \(correlation id"):
+        run_flower(tmp_path, sites=({"site": "site_0", "data-path": str(tmp_path)}, "site_1"))
     with pytest.raises(ValueError, match="both serve site 'site_0'"):
         run_flower(tmp_path, sites=("site_0", "site_0"))
     with pytest.raises(TimeoutError, match="2 of num-sites=3 SuperNodes"):
@@ -297,9 +307,6 @@ def test_configuration_errors_name_the_setting(tmp_path):
         run_flower(tmp_path, config="configs/demo.yaml,configs/strategies/scaffold.yaml")
     with pytest.raises(ValueError, match="pool_clients"):
         run_flower(tmp_path, FLOWER_TINY + " trainer.pool_clients=true")
-    server = FederatedTrainer(accelerator="cpu", enable_progress_bar=False)
-    with pytest.raises(ValueError, match="cannot continue from a checkpoint"):
-        server.fit(None, ckpt_path="last", executor=FlowerExecutor(LocalGrid([], {}), 1, 0, None))
     with pytest.raises(RuntimeError, match="needs a Flower grid"):
         FlowerExecutor(None, 1, 0, None)
 

@@ -66,6 +66,18 @@ def require_file(path: str | Path, what: str) -> Path:
     return file
 
 
+def path_outside(folder: Path, relative: str) -> str | None:
+    """None if ``relative``, joined to ``folder`` and resolved (``..`` and symbolic links followed), lies inside
+    ``folder`` (resolved too); else why not, for an error message. The path need not exist."""
+    if Path(relative).is_absolute():
+        return "is an absolute path"
+    base = folder.resolve()
+    target = (base / relative).resolve()
+    if not target.is_relative_to(base):
+        return f"resolves to {str(target)!r}, outside the folder"
+    return None
+
+
 def keep_good_samples(
     client: str,
     samples: Sequence[Sample],

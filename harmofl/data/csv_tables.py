@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harmofl.data.checks import DataError
+from harmofl.data.checks import DataError, path_outside
 
 # pandas writes its row index as a leading column with an empty name; read back and re-saved, "Unnamed: 0".
 _INDEX_COLUMN_NAMES = ("", "Unnamed: 0")
@@ -54,23 +54,54 @@ class CsvTable:
     lines: list[int]
 
     def integers(self, name: str) -> np.ndarray:
-        """Column ``name`` as int64; a :class:`DataError` names the first cell that is not an integer."""
+        """Column ``name`` as int64; a :class:`DataError` names the first cell that is not an integer (or not one that
+        fits in 64 bits)."""
         values = self.columns[name]
         try:
             return np.asarray(values, dtype=str).astype(np.int64)
-        except ValueError:
-            line, value = next((line, v) for line, v in zip(self.lines, values) if not _is_integer(v))
+        except (ValueError, OverflowError):
+            line, value = next((line, v) for line, v in zip(self.lines, values) if not _is_int64(v))
             raise DataError(
-                f"{self.path}, line {line}: column {name!r} holds {value!r}, not an integer. Fix that row."
+                f"{self.path}, line {line}: column {name!r} holds {value!r}, not an integer (of 64 bits). Fix that row."
             ) from None
 
+    def class_indices(self, name: str, num_classes: int | None) -> np.ndarray:
+        """Column ``name`` as int64 class indices, each in ``[0, num_classes)`` (each ``>= 0`` where ``num_classes``
+        is None); a :class:`DataError` names the first row outside, so that no such label reaches the loss."""
+        labels = self.integers(name)
+        outside = labels < 0
+        if num_classes is not None:
+            outside |= labels >= num_classes
+        if outside.any():
+            first = int(np.argmax(outside))
+            label = int(labels[first])
+            why = "negative" if label < 0 else f">= num_classes = {num_classes} (the model's)"
+            raise DataError(
+                f"{self.path}, line {self.lines[first]}: {name} {label} is {why}; labels are class indices 0, 1, ... "
+                "below model.num_classes. Fix that row, or set model.num_classes to cover every class."
+            )
+        return labels
 
-def _is_integer(text: str) -> bool:
+    def paths_inside(self, name: str, folder: Path) -> tuple[str, ...]:
+        """Column ``name``: file paths relative to ``folder``; a :class:`DataError` names the first that is absolute or
+        leads outside ``folder`` (through ``..`` or a symbolic link, see :func:`~harmofl.data.checks.path_outside`)."""
+        paths = self.columns[name]
+        for line, path in zip(self.lines, paths):
+            problem = path_outside(folder, path)
+            if problem is not None:
+                raise DataError(
+                    f"{self.path}, line {line}: {name} {path!r} {problem}. A listed file must lie inside "
+                    f"{str(folder)!r}: give its path relative to that folder, and copy (not link) files from elsewhere."
+                )
+        return paths
+
+
+def _is_int64(text: str) -> bool:
     try:
-        int(text)
+        value = int(text)
     except ValueError:
         return False
-    return True
+    return bool(np.iinfo(np.int64).min <= value <= np.iinfo(np.int64).max)
 
 
 def read_csv(path: Path, required: Sequence[str], optional: Sequence[str] = (), allow_index: bool = False) -> CsvTable:

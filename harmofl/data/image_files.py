@@ -100,8 +100,9 @@ class ImageFileFederation(FileFederation):
         channels: 3 reads every image as RGB, 1 as grey.
         max_per_split: keep at most the first N rows of each split per client (quick runs); null: all.
         truncate_to_smallest: cut every client's training set to the smallest client's size (its first rows).
-        verify_images: check that every listed image is intact before training (decodes headers and data
-            chunks; slow on large sets); false checks only that the files exist.
+        verify_images: check that every listed image decodes in full before training (a truncated file, or one
+            above PIL's decompression-bomb limit, is a bad sample; slow on large sets); false checks only that the
+            files exist, and a bad file then stops training when a batch reads it.
         seed: seeds the splits made by fractions.
     """
 

@@ -18,6 +18,7 @@ slices altogether instead of repeating them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -33,6 +34,9 @@ from harmofl.data.checks import DataError
 
 VOLUME_SUFFIX = ".nii.gz"
 MASK_SUFFIXES = ("_segmentation", "_Segmentation")
+# The most voxels a volume may declare in its header: 512³ (512 MiB as float32, several times any prostate volume of
+# the release). It bounds what one file can make the loader decompress and allocate.
+MAX_VOXELS = 512**3
 
 
 @dataclass(frozen=True)
@@ -61,14 +65,36 @@ def expected_masks(case: Case) -> str:
     return " or ".join(f"{case.name}{suffix}{VOLUME_SUFFIX}" for suffix in MASK_SUFFIXES)
 
 
-def read_nifti(path: Path) -> np.ndarray:
-    """A 3-D NIfTI file as a float32 array ``[X, Y, Z]``; a :class:`DataError` naming the file otherwise."""
+def read_nifti(path: Path, max_voxels: int = MAX_VOXELS) -> np.ndarray:
+    """A 3-D NIfTI file as a float32 array ``[X, Y, Z]``, every voxel finite; a :class:`DataError` naming the file
+    otherwise.
+
+    The shape is read from the header first (nibabel decodes nothing until asked), so that a file declaring more
+    than ``max_voxels`` voxels, or not 3 dimensions, is refused before its data is decompressed.
+    """
     try:
-        array = cast(DataobjImage, nib.load(path)).get_fdata(dtype=np.float32)
+        image = cast(DataobjImage, nib.load(path))  # the header only
     except Exception as error:  # nibabel, gzip and zlib raise many types for corrupt or truncated files
         raise DataError(f"{path.name} is not a readable NIfTI file ({type(error).__name__}: {error})") from error
-    if array.ndim != 3:
-        raise DataError(f"{path.name} is {array.ndim}-D with shape {array.shape}; expected a 3-D volume")
+    shape = tuple(int(side) for side in image.shape)
+    if len(shape) != 3:
+        raise DataError(f"{path.name} is {len(shape)}-D with shape {shape}; expected a 3-D volume")
+    if math.prod(shape) > max_voxels:
+        raise DataError(
+            f"{path.name}: its header declares shape {shape}, {math.prod(shape)} voxels, more than data.max_voxels = "
+            f"{max_voxels}; crop or resample the volume, or raise data.max_voxels if the file is trusted and fits "
+            "in memory (4 bytes per voxel)"
+        )
+    try:
+        array = image.get_fdata(dtype=np.float32)
+    except Exception as error:  # the data part may still be truncated or corrupt
+        raise DataError(f"{path.name} is not a readable NIfTI file ({type(error).__name__}: {error})") from error
+    non_finite = int(np.count_nonzero(~np.isfinite(array)))
+    if non_finite:
+        raise DataError(
+            f"{path.name} holds {non_finite} NaN or infinite voxel(s) (after its header's scaling); they would "
+            "spread through the intensity rescaling: fix or remove the file"
+        )
     return array
 
 

@@ -19,7 +19,16 @@ from torch.utils.data import TensorDataset
 from harmofl.data.base import SPLITS, Split
 from harmofl.data.cache import entry_path, read_entry, user_cache_dir, write_entry
 from harmofl.data.checks import DataError, check_at_least, check_choice, keep_good_samples
-from harmofl.data.mri import VOLUME_SUFFIX, Case, context_stack, expected_masks, find_cases, preprocess_case, read_nifti
+from harmofl.data.mri import (
+    MAX_VOXELS,
+    VOLUME_SUFFIX,
+    Case,
+    context_stack,
+    expected_masks,
+    find_cases,
+    preprocess_case,
+    read_nifti,
+)
 from harmofl.data.sites import SiteFolderFederation
 from harmofl.data.splits import (
     Fractions,
@@ -87,6 +96,8 @@ class ProstateMRI(SiteFolderFederation):
         cache_dir: where preprocessed cases are cached; None = ``<root>/.harmofl_cache`` when writable, else
             ``$XDG_CACHE_HOME/harmofl/prostate`` (``~/.cache/harmofl/prostate``).
         max_slices_per_split: keep at most this many slices (a seeded random subset) per site and split.
+        max_voxels: a volume or mask whose header declares more voxels is a bad sample, refused before it is
+            decompressed (default 512³); one with NaN or infinite voxels is a bad sample too, never cached.
         batch_size: training batch size (the reference's 16).
     """
 
@@ -108,6 +119,7 @@ class ProstateMRI(SiteFolderFederation):
         seed: int = 0,
         cache_dir: str | None = None,
         max_slices_per_split: int | None = None,
+        max_voxels: int = MAX_VOXELS,
         batch_size: int = 16,
         **options: Any,
     ) -> None:
@@ -132,6 +144,8 @@ class ProstateMRI(SiteFolderFederation):
         self.seed = seed
         self.cache_dir = cache_dir
         self.max_slices_per_split = max_slices_per_split
+        check_at_least("max_voxels", max_voxels, 1)
+        self.max_voxels = max_voxels
         self._origins: dict[tuple[str, Split], list[tuple[str, int]]] = {}
 
     # -- cases and their cache ------------------------------------------------------------------------------
@@ -162,7 +176,7 @@ class ProstateMRI(SiteFolderFederation):
         if path.is_file():
             return None
         try:
-            volume, mask = read_nifti(case.volume), read_nifti(case.mask)
+            volume, mask = read_nifti(case.volume, self.max_voxels), read_nifti(case.mask, self.max_voxels)
         except DataError as error:
             return str(error)
         if mask.shape != volume.shape:

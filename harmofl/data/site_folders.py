@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from harmofl.data.base import SPLITS, Split
-from harmofl.data.checks import DataError, check_distinct, require_file
+from harmofl.data.checks import DataError, check_at_least, check_distinct, require_file
 from harmofl.data.csv_tables import read_csv
 from harmofl.data.image_files import ClientFiles, ImageFileFederation, encode_paths
 from harmofl.data.sites import site_folders
@@ -28,8 +28,9 @@ class SiteFolders(ImageFileFederation):
     """Bring-your-own sites for classification: one folder per site under ``root``, one client per site.
 
     Each site folder holds ``labels.csv`` with the columns ``image,label`` and optionally ``split``:
-    ``image`` is a path relative to the site folder (any format :func:`~harmofl.data.image_io.read_image` reads),
-    ``label`` an integer class index >= 0, ``split`` one of ``train``, ``val``, ``test``. Without a ``split``
+    ``image`` is a path relative to the site folder (any format :func:`~harmofl.data.image_io.read_image` reads) that
+    stays inside it (no absolute path, no ``..`` or symbolic link leading out), ``label`` an integer class index in
+    ``[0, num_classes)``, ``split`` one of ``train``, ``val``, ``test``. Without a ``split``
     column, each site's rows are split by ``fractions``: shuffled with a generator seeded from ``seed`` and
     the site's name (so a site's split does not depend on which other sites are used), then cut (see
     :func:`~harmofl.data.splits.split_groups`). Within a split, rows keep their order in ``labels.csv``.
@@ -39,6 +40,8 @@ class SiteFolders(ImageFileFederation):
         sites: the site folders to use, in this order; default every subfolder (not hidden), sorted.
         image_size: side every image is resized to (bilinear) when it differs.
         fractions: train, val, test fractions for sites without a ``split`` column.
+        num_classes: labels must be below it: a larger one is an error naming its row, before training. The command
+            line sets it to ``model.num_classes`` (it cannot be set there); null checks only that labels are >= 0.
     """
 
     def __init__(
@@ -48,6 +51,7 @@ class SiteFolders(ImageFileFederation):
         *,
         image_size: int = 64,
         fractions: Fractions = (0.7, 0.15, 0.15),
+        num_classes: int | None = None,
         **options: Any,
     ) -> None:
         super().__init__(image_size=image_size, **options)
@@ -55,6 +59,8 @@ class SiteFolders(ImageFileFederation):
         self.root = root
         self.sites = sites
         self.fractions = check_fractions(fractions, "fractions")
+        check_at_least("num_classes", num_classes, 1, nullable=True)
+        self.num_classes = num_classes
 
     def _client_files(self) -> dict[str, ClientFiles]:
         folders = site_folders(self.root, self.sites, "Site-folders root", "each with labels.csv and its images")
@@ -66,13 +72,8 @@ class SiteFolders(ImageFileFederation):
             required=("image", "label"),
             optional=("split",),
         )
-        labels = table.integers("label")
-        if (labels < 0).any():
-            first = int(np.argmax(labels < 0))
-            raise DataError(
-                f"{table.path}, line {table.lines[first]}: label {labels[first]} is negative; labels "
-                "are class indices 0, 1, ..."
-            )
+        labels = table.class_indices("label", self.num_classes)
+        images = table.paths_inside("image", folder)
         if "split" in table.columns:
             names = table.columns["split"]
             codes = np.select([np.asarray(names) == split for split in SPLITS], list(range(len(SPLITS))), default=-1)
@@ -84,7 +85,7 @@ class SiteFolders(ImageFileFederation):
                 )
         else:
             codes = split_groups(np.arange(len(labels)), len(labels), self.fractions, site_rng(self.seed, site))
-        return ClientFiles(folder, encode_paths(table.columns["image"]), labels, rows_by_code(codes))
+        return ClientFiles(folder, encode_paths(images), labels, rows_by_code(codes))
 
     def _empty_split_hint(self, split: Split) -> str:
         return (

@@ -43,8 +43,10 @@ def build_checkpoint(trainer: FederatedTrainer, round_number: int) -> dict[str, 
         "clients": trainer.federation.ordered(clients),
         "callbacks": {cb.state_key: cb.state_dict() for cb in trainer.callbacks if isinstance(cb, Callback)},
         "server_optimizer": trainer.server_optimizer.state_dict(),
+        "aggregator": trainer.aggregator.state_dict(),
         "history": record["history"],
         "failures": record["failures"],
+        "executor": trainer.executor.state_dict(),
     }
 
 
@@ -76,5 +78,8 @@ def restore_checkpoint(trainer: FederatedTrainer, path: Path, with_optimizers: b
         trainer.store.load_entry(client, entry, with_optimizers)
     trainer.load_callback_states(checkpoint["callbacks"])
     trainer.server_optimizer.load_state_dict(checkpoint["server_optimizer"])
+    if with_optimizers:  # continuing the fit: DP-FedAvg's accountant and noise secret, a deployment's federation id
+        trainer.aggregator.load_state_dict(checkpoint.get("aggregator", {}))
+        trainer.executor.load_state_dict(checkpoint.get("executor", {}))
     trainer.record.load_state_dict(checkpoint)
     return int(checkpoint["round"])

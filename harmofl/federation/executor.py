@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
@@ -45,6 +45,14 @@ class Executor(Protocol):
 
     def record_holders(self) -> list[str]:
         """The clients whose records this process keeps (its part of a checkpoint)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the checkpoint keeps of the executor itself to continue the run (a deployment's federation id)."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` from the checkpoint a fit continues from."""
         ...
 
     def train(
@@ -85,6 +93,13 @@ class InProcessExecutor:
     def record_holders(self) -> list[str]:
         """The clients this process evaluates and those it trains (the pooled one)."""
         return list(dict.fromkeys(self.my_clients + self.my_trainees))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing: every client's state is in its checkpoint entry."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Nothing to restore (a deployment's checkpoint continued in simulation needs none either)."""
 
     def train(
         self, round_idx: int, participants: list[str], shared: Mapping[str, Tensor]

@@ -34,10 +34,12 @@ class RunRecord:
         #: Client failures so far: ``{"round", "client", "error"}`` (rounds from 1), in the checkpoint and summary.
         self.failures: list[dict[str, Any]] = []
 
-    def add_round(self, round_number: int, results: Results) -> list[dict[str, Any]]:
-        """Add round ``round_number``'s per-client results; returns its rows. A better mean validation metric than
-        every round before makes it the best round."""
-        rows = reporting.history_rows(round_number, results, self.held_out)
+    def add_round(
+        self, round_number: int, results: Results, server_metrics: Mapping[str, float] | None = None
+    ) -> list[dict[str, Any]]:
+        """Add round ``round_number``'s per-client results and the server's values (``privacy/epsilon``); returns its
+        rows. A better mean validation metric than every round before makes it the best round."""
+        rows = reporting.history_rows(round_number, results, self.held_out, server_metrics)
         self.history.extend(rows)
         self.last_score = reporting.mean_over_clients(results, self.held_out)["val"][self.metric]
         if self.last_score > self.best_score:
@@ -61,9 +63,14 @@ class RunRecord:
             )
 
     def summary(self) -> dict[str, Any]:
-        """``summary.json``: the best round's metrics, and the client failures so far."""
+        """``summary.json``: the best round's metrics, the latest round's server values (the privacy spent by every
+        round so far, not only up to the best), and the client failures so far."""
         best = reporting.results_at_round(self.history, self.best_round, ("val", "test")) if self.best_round else {}
         result = reporting.summary(self.rounds, self.best_round, best, self.held_out)
+        server_rows = [row for row in self.history if row["client"] == reporting.SERVER]
+        if server_rows:
+            fields = ("round", "client", "split")
+            result[reporting.SERVER] = {key: value for key, value in server_rows[-1].items() if key not in fields}
         if self.failures:
             result["failures"] = self.failures
         return result

@@ -30,6 +30,19 @@ class ClientUpdate:
     num_steps: int
 
 
+def batches_per_epoch(num_samples: int, batch_size: int) -> int:
+    """The length of a client's training loader (:meth:`~harmofl.data.base.FederatedDataModule.dataloader`, which
+    keeps the last, partial batch) over ``num_samples`` samples: what a server without the data counts."""
+    return -(-num_samples // batch_size)  # ceil in integers: exact for any count
+
+
+def local_step_count(epoch_batches: int, local_epochs: int, local_steps: int | None) -> int:
+    """A client's optimizer steps in one round: ``local_steps`` when set, else ``local_epochs`` passes over its
+    ``epoch_batches`` training batches. A client trains exactly this many; a Flower server recomputes it for
+    each site (from the site's training samples) and refuses any other count (FedNova weighs updates by it)."""
+    return local_steps or local_epochs * epoch_batches
+
+
 class LocalRunner:
     """Trains and evaluates one client at a time on the one model of ``trainer``'s process.
 
@@ -63,7 +76,7 @@ class LocalRunner:
             loader = self.datamodule.pooled_dataloader(self.pooled_clients, generator=generator)
         else:
             loader = self.datamodule.dataloader(client, "train", generator=generator)
-        num_batches = self.local_steps or self.local_epochs * len(loader)
+        num_batches = local_step_count(len(loader), self.local_epochs, self.local_steps)
         self.module.train()
         self._call("on_train_client_start", client=client, num_batches=num_batches)
         loss_sum = torch.zeros((), device=self.fabric.device)

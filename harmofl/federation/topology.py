@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from harmofl import aggregation
+from harmofl.reporting import MEAN, SERVER
 
 #: The one client of pooled (centralized) training, which trains on every training client's data.
 POOLED_CLIENT = "pooled"
@@ -71,6 +72,9 @@ class Federation:
         names = list(train_samples)
         if not names or len(set(names)) != len(names):
             raise ValueError(f"The data module must name at least one client, each once; got {names}.")
+        reserved = sorted({MEAN, SERVER} & set(names))
+        if reserved:  # metrics.csv's rows of the mean over clients and of the server's own values use these names
+            raise ValueError(f"Client names {reserved} are reserved for metrics.csv's summary rows: rename the sites.")
         if world_size > len(names):
             raise ValueError(
                 f"trainer.devices={world_size} exceeds the {len(names)} clients: use at most {len(names)} devices."

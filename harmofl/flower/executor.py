@@ -15,15 +15,16 @@ from typing import TYPE_CHECKING, Any
 
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from harmofl import validation
 from harmofl.data.base import FederatedDataModule, Split
 from harmofl.federation.executor import Outcome, Results
 from harmofl.federation.failures import ClientFailure
-from harmofl.federation.runner import ClientUpdate
-from harmofl.flower import wire
+from harmofl.federation.runner import ClientUpdate, batches_per_epoch, local_step_count
+from harmofl.flower import site_store, wire
+from harmofl.flower.replies import RefusedReply, SiteRoster, read_description, read_evaluation_reply, read_train_reply
 
 if TYPE_CHECKING:
     from harmofl.trainer import FederatedTrainer
@@ -37,24 +38,46 @@ class FlowerExecutor:
         num_sites: the SuperNodes to wait for, ``connect_timeout`` seconds at most.
         reply_timeout: seconds a site may take to answer a round's message (None: no limit); a site that does not
             answer in time has failed that round.
+        roster: the sites the operator expects and their training samples (default: any site, its claim capped).
+            Every reply is read through :mod:`harmofl.flower.replies`: a reply it refuses is that site's failure.
     """
 
     client_noun = "site"
 
-    def __init__(self, grid: Grid, num_sites: int, connect_timeout: float, reply_timeout: float | None) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        num_sites: int,
+        connect_timeout: float,
+        reply_timeout: float | None,
+        roster: SiteRoster | None = None,
+    ) -> None:
         if grid is None:
             raise RuntimeError("FlowerExecutor needs a Flower grid: the ServerApp passes its own (harmofl.flower.app).")
         if num_sites < 1:
             raise ValueError(f"num-sites must be >= 1 (the SuperNodes to wait for), got {num_sites}.")
         self.grid, self.num_sites = grid, num_sites
         self.connect_timeout, self.reply_timeout = connect_timeout, reply_timeout
+        self.roster = roster or SiteRoster()
+        #: Names the federation in every train and evaluate message: each site keeps its state under it, on its
+        #: own disk. New here; a resumed run takes its checkpoint's (:meth:`load_state_dict`).
+        self.federation_id = site_store.new_federation_id()
 
     def check_resumable(self) -> None:
-        raise ValueError(
-            "A Flower run cannot continue from a checkpoint: the sites' own state (local weights, optimizer "
-            "state, amplitude targets) lives in their SuperNodes for one run only. Start a new run; evaluate the "
-            "checkpoints with `cli.py test --ckpt_path FILE`."
-        )
+        """A deployment continues from its checkpoint: the checkpoint holds the federation id, and each site
+        continues from the state it saved on its own disk under that id (:mod:`harmofl.flower.site_store`)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"federation_id": self.federation_id}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the checkpoint's federation: its id, which the sites' saved states are kept under."""
+        if "federation_id" not in state:
+            raise ValueError(
+                "This checkpoint has no federation id: it was not written by a Flower run (or by an older version), "
+                "so the sites' saved states cannot be found. Start a new run (empty ckpt-path)."
+            )
+        self.federation_id = site_store.check_federation_id(state["federation_id"])
 
     def connect(self, trainer: FederatedTrainer, datamodule: FederatedDataModule | None, stage: str) -> dict[str, int]:
         """The connected sites and their training samples, asked with a query; refuses what a deployment cannot run."""
@@ -66,15 +89,35 @@ class FlowerExecutor:
                 f"Callbacks {unsupported} keep per-client state that the Flower protocol does not carry yet; run "
                 "them in simulation (`cli.py fit`)."
             )
+        if datamodule is None:
+            raise ValueError(
+                "FlowerExecutor needs the configuration's data module (it sets up no data: its batch size gives each "
+                "site's local steps): trainer.fit(model, datamodule, executor=...)."
+            )
+        self._warn_of_trusted_claims(trainer)
         self.site_nodes, train_samples = self._discover_sites()
+        epochs, steps = trainer.local_epochs, trainer.local_steps
+        #: Each site's local steps per round, from the configuration: the only count the server accepts.
+        self.expected_steps = {
+            site: local_step_count(batches_per_epoch(samples, datamodule.batch_size), epochs, steps)
+            for site, samples in train_samples.items()
+        }
         return {site: train_samples[site] for site in sorted(self.site_nodes)}
+
+    def _warn_of_trusted_claims(self, trainer: FederatedTrainer) -> None:
+        """Warn of what the run config leaves to the sites' word (their names; their data sizes, where they count)."""
+        optimizer = trainer.server_optimizer
+        steps_weigh = trainer.local_steps is None and optimizer.aggregation_factor(1) != optimizer.aggregation_factor(2)
+        for warning in self.roster.trusted_claims(trainer.client_weighting == "samples" or steps_weigh):
+            rank_zero_warn(warning)
 
     def start(self, trainer: FederatedTrainer) -> None:
         self.trainer = trainer
 
     def record_holders(self) -> list[str]:
-        """None: every site keeps its own record."""
-        return []
+        """Every site: the server's record of a site is what the site reported (its callbacks' states, such as its
+        amplitude target); the site keeps its local weights and optimizer state itself."""
+        return list(self.trainer.federation.client_names)
 
     def train(
         self, round_idx: int, participants: list[str], shared: Mapping[str, Tensor]
@@ -89,7 +132,11 @@ class FlowerExecutor:
         while pending:
             instructions = {
                 client: wire.train_instruction(
-                    broadcast, round_idx, trainer.federation.client_seed(round_idx, client), requested
+                    broadcast,
+                    round_idx,
+                    trainer.federation.client_seed(round_idx, client),
+                    requested,
+                    self.federation_id,
                 )
                 for client in pending
             }
@@ -111,34 +158,45 @@ class FlowerExecutor:
         if isinstance(content, str):
             return ClientFailure(content)
         try:
-            update = self.trainer.guard.check(wire.read_weights(content), shared)
+            received = read_train_reply(content, requested, self.expected_steps[client])
+            update = self.trainer.guard.check(received.state, shared)
+            # The callbacks check what they receive (an amplitude target's window): a refusal is this site's failure.
+            self.trainer.store.load_callback_states(client, received.client_states)
+        except RefusedReply as error:
+            return ClientFailure(f"the server refuses the reply of site {client!r}: {error}")
         except validation.InvalidUpdate as error:
             return ClientFailure(f"InvalidUpdate: {error}")
-        states = wire.read_blob(content, wire.CLIENT_STATE) if requested else {}
-        missing = [key for key in requested if key not in states]
-        if missing:
-            return ClientFailure(f"the reply lacks the requested callback states {missing}")
-        self.trainer.store.load_callback_states(client, {key: states[key] for key in requested})  # what was asked
-        metrics = content.metric_records[wire.METRICS]
-        return ClientUpdate(update, float(metrics["loss"]), int(metrics["num-steps"]))  # type: ignore[arg-type]
+        return ClientUpdate(update, received.loss, self.expected_steps[client])
 
     def evaluate(self, splits: tuple[Split, ...]) -> Results:
         """Every site evaluates the global model (with its local weights) on ``splits``."""
         round_number = self.trainer.current_round + 1
-        instruction = wire.evaluate_instruction(self._broadcast(self.trainer.shared_global_state()), splits)
+        instruction = wire.evaluate_instruction(
+            self._broadcast(self.trainer.shared_global_state()), splits, self.trainer.current_round, self.federation_id
+        )
         sites = self.trainer.federation.client_names
         replies = self._exchange_with_sites(
             dict.fromkeys(sites, instruction), MessageType.EVALUATE, group=f"evaluate-{round_number}"
         )
+        metrics = self.trainer.module.stage_metrics  # the server's own model names the metrics a site may report
+        expected: dict[str, list[str]] = {
+            split: [str(name) for name in metrics(split).keys(keep_base=False)] for split in splits
+        }
         results = {}
-        for client in sites:
+        for client in sites:  # a site that cannot evaluate stops the run: best.ckpt is chosen on every site's metrics
             content = self._content_or_error(replies.get(client), f"site {client!r}")
             if isinstance(content, str):
-                raise RuntimeError(
-                    f"Site {client!r} failed to evaluate round {round_number}: {content}. The checkpoint "
-                    "of the previous round is intact."
-                )
-            results[client] = wire.read_evaluation(content)
+                problem = content
+            else:
+                try:
+                    results[client] = read_evaluation_reply(content, expected)
+                    continue
+                except RefusedReply as error:
+                    problem = f"the server refuses its reply: {error}"
+            raise RuntimeError(
+                f"Site {client!r} failed to evaluate round {round_number}: {problem}. The checkpoint of the previous "
+                "round is intact."
+            )
         return results
 
     # -- messages ------------------------------------------------------------------------------------------------
@@ -148,11 +206,19 @@ class FlowerExecutor:
         deadline = time.monotonic() + self.connect_timeout
         while len(node_ids := sorted(self.grid.get_node_ids())) < self.num_sites:
             if time.monotonic() > deadline:
+                absent = f": {self.roster.missing(self._describe(node_ids)[0])} did not" if self.roster.sites else ""
                 raise TimeoutError(
                     f"{len(node_ids)} of num-sites={self.num_sites} SuperNodes connected within {self.connect_timeout} "
-                    "s: start one `flower-supernode` per site (docs/deployment.md), or lower num-sites."
+                    f"s{absent}: start one `flower-supernode` per site (docs/deployment.md), or lower num-sites."
                 )
             time.sleep(0.5)
+        site_nodes, train_samples = self._describe(node_ids)
+        rank_zero_info(f"Sites: {', '.join(f'{s} (node {n})' for s, n in sorted(site_nodes.items()))}.")
+        return site_nodes, train_samples
+
+    def _describe(self, node_ids: list[int]) -> tuple[dict[str, int], dict[str, int]]:
+        """``{site: node id}`` and ``{site: training samples}`` of ``node_ids``, asked with a query and admitted by
+        the roster."""
         replies = self._exchange({node: RecordDict() for node in node_ids}, MessageType.QUERY, group="setup")
         site_nodes: dict[str, int] = {}
         train_samples: dict[str, int] = {}
@@ -160,15 +226,17 @@ class FlowerExecutor:
             content = self._content_or_error(replies.get(node), f"node {node}")
             if isinstance(content, str):
                 raise RuntimeError(f"SuperNode {node} could not describe its site: {content}")
-            site = str(content.config_records[wire.SITE][wire.SITE])
+            try:
+                site, claimed = read_description(content)
+                samples = self.roster.admit(site, claimed)
+            except RefusedReply as error:
+                raise ValueError(f"SuperNode {node} is refused: {error}.") from error
             if site in site_nodes:
                 raise ValueError(
                     f"SuperNodes {site_nodes[site]} and {node} both serve site {site!r}: give each node its own "
                     "`site` in its --node-config."
                 )
-            site_nodes[site] = node
-            train_samples[site] = int(content.config_records[wire.SITE][wire.TRAIN_SAMPLES])  # type: ignore[arg-type]
-        rank_zero_info(f"Sites: {', '.join(f'{s} (node {n})' for s, n in sorted(site_nodes.items()))}.")
+            site_nodes[site], train_samples[site] = node, samples
         return site_nodes, train_samples
 
     def _broadcast(self, shared: Mapping[str, Tensor]) -> dict[str, Any]:

@@ -111,11 +111,18 @@ class LoopbackDeployment:
     def run(self, app: Path, run_config: str, timeout: float = 900.0) -> str:
         """``flwr run app`` with ``run_config``; waits for the run to finish and returns its status
         (``finished:completed`` on success)."""
+        return self.wait(self.submit(app, run_config), timeout)
+
+    def submit(self, app: Path, run_config: str) -> int:
+        """``flwr run app`` with ``run_config``, not waiting for it: the run's id (:meth:`wait` for its end)."""
         submitted = self._flwr(["run", str(app), CONNECTION, "--run-config", run_config], timeout=120)
         try:
-            run_id = json.loads(submitted.stdout)["run-id"]
+            return int(json.loads(submitted.stdout)["run-id"])
         except (json.JSONDecodeError, KeyError) as error:
             raise LoopbackError(f"flwr run exited with {submitted.returncode}: {submitted.stdout[-500:]}") from error
+
+    def wait(self, run_id: int, timeout: float = 900.0) -> str:
+        """Wait for run ``run_id`` to finish (at most ``timeout`` s); its status, or ``no status``."""
         status, deadline = "", time.monotonic() + timeout
         while not status.startswith("finished") and time.monotonic() < deadline:
             time.sleep(3)  # each `flwr ls` is a Python start on the cores the run needs
@@ -146,9 +153,9 @@ class LoopbackDeployment:
             while time.monotonic() < deadline and any(process.poll() is None for process in alive):
                 time.sleep(0.1)
         deadline = time.monotonic() + 10
-        while self._marked() and time.monotonic() < deadline:
+        while self.alive() and time.monotonic() < deadline:
             time.sleep(0.2)
-        self.leftover = self._marked()
+        self.leftover = self.alive()
         for pid in self.leftover:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -189,8 +196,9 @@ class LoopbackDeployment:
             command, env=self.cli_env, cwd=self.folder, capture_output=True, text=True, timeout=timeout
         )
 
-    def _marked(self) -> list[int]:
-        """Every live process whose environment carries the marker: what this deployment started, children too."""
+    def alive(self) -> list[int]:
+        """Every live process whose environment carries the marker: what this deployment started, children too
+        (after :meth:`stop`: none, even for a deployment stopped in the middle of a run)."""
         found = []
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit() and int(entry.name) != os.getpid():

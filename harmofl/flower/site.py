@@ -3,6 +3,7 @@ this node holds."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,7 +14,11 @@ from harmofl.clients.base import FederatedClient
 from harmofl.data.base import FederatedDataModule, Split
 from harmofl.federation.runner import ClientUpdate, Metrics
 from harmofl.federation.store import ClientEntry, to_host
+from harmofl.flower.site_policy import RefusedRequest
 from harmofl.trainer import FederatedTrainer
+
+#: A site's own log: what it keeps from the server (its errors' details, its data's site names).
+site_log = logging.getLogger("harmofl.flower.site")
 
 
 class FlowerSite:
@@ -21,8 +26,11 @@ class FlowerSite:
     :class:`~harmofl.federation.runner.LocalRunner` (harmonization callback, weight-perturbation step, FedProx/MOON
     terms, update checks) and :class:`~harmofl.federation.store.ClientStore`. The server decides rounds and seeds.
 
-    Between messages the site's state (its local weights, optimizer state, the module's and the callbacks' client
-    state) is kept by the caller: :meth:`site_state` / :meth:`load_site_state`; it never leaves the site.
+    Between messages the site's state (its local weights, optimizer state, the module's client state such as MOON's
+    previous model, and the callbacks' client state such as its amplitude target) is kept by the caller:
+    :meth:`site_state` / :meth:`load_site_state`. A deployment keeps it on the site's own disk, one file per round it
+    trained, under the federation id the server sends (:mod:`harmofl.flower.site_store`), so that a restarted
+    SuperNode continues the federation; it never leaves the site.
 
     Args:
         trainer: the trainer the run's configuration builds (its Fabric, callbacks, local work and update checks).
@@ -31,10 +39,11 @@ class FlowerSite:
 
     def __init__(self, trainer: FederatedTrainer, model: FederatedClient, datamodule: FederatedDataModule, site: str):
         trainer.setup_data(datamodule, "fit")
-        if site not in datamodule.client_names:
-            raise ValueError(
-                f"This node serves site {site!r}, but its data holds {list(datamodule.client_names)}: set the node's "
-                "`site` (its --node-config) to one of them, or its `data-path` to the folder of that site's data."
+        if site not in datamodule.client_names:  # the names may be the site's folder names: not in the reply
+            site_log.error("This node serves site %r, but its data holds %s.", site, list(datamodule.client_names))
+            raise RefusedRequest(
+                f"This node serves site {site!r}, which the run's data at this node does not hold: set the node's "
+                "`site` (its --node-config) to one the site's log lists, or its `data-path` to that site's data."
             )
         trainer.setup_model(model, "fit")
         self.trainer, self.site, self.datamodule = trainer, site, datamodule

@@ -4,8 +4,9 @@ Server → site, ``train`` and ``evaluate`` messages:
     ``arrays`` the global model's floating-point shared weights (every key but those the sites keep local), the
     message's one ArrayRecord, which Flower's mods (``LocalDpMod``) act on; ``buffers`` its integer buffers
     (BatchNorm's batch counters); ``server-state`` the federated callbacks' global state (HarmoFL: the shared
-    amplitude target once it exists, and whether it is frozen); ``config`` the round, the site's seed, the
-    splits to evaluate, which callback states the server needs back.
+    amplitude target once it exists, and whether it is frozen); ``config`` the round, the federation id (which
+    names the site's state folder, :mod:`harmofl.flower.site_store`), the site's seed, the splits to evaluate,
+    which callback states the server needs back.
 Site → server, ``train`` replies:
     ``arrays`` and ``buffers`` with the same keys, updated; ``metrics`` the mean training loss and the number of
     local steps; ``client-state`` only when the server asked for it (HarmoFL: the site's amplitude target, in
@@ -36,6 +37,7 @@ CLIENT_STATE = "client-state"
 METRICS = "metrics"
 SITE = "site"
 TRAIN_SAMPLES = "train-samples"
+FEDERATION_ID = "federation-id"
 
 _BLOB = "blob"  # the one entry of a ConfigRecord that carries a serialized structure
 
@@ -80,16 +82,23 @@ def broadcast_records(shared: Mapping[str, Tensor], server_state: Mapping[str, A
 
 
 def train_instruction(
-    broadcast: Mapping[str, Any], round_idx: int, seed: int, requested_states: list[str]
+    broadcast: Mapping[str, Any], round_idx: int, seed: int, requested_states: list[str], federation_id: str
 ) -> RecordDict:
-    """The content of a ``train`` message: train from ``broadcast`` in round ``round_idx`` (0-based) with ``seed``."""
-    config = ConfigRecord({"round": round_idx, "seed": seed, "client-states": ",".join(requested_states)})
+    """The content of a ``train`` message: train from ``broadcast`` in round ``round_idx`` (0-based) with ``seed``,
+    from the site's state of federation ``federation_id`` after the rounds before."""
+    config = ConfigRecord(
+        {"round": round_idx, "seed": seed, "client-states": ",".join(requested_states), FEDERATION_ID: federation_id}
+    )
     return RecordDict({**broadcast, CONFIG: config})
 
 
-def evaluate_instruction(broadcast: Mapping[str, Any], splits: tuple[str, ...]) -> RecordDict:
-    """The content of an ``evaluate`` message: evaluate ``broadcast``'s weights on ``splits``."""
-    return RecordDict({**broadcast, CONFIG: ConfigRecord({"splits": ",".join(splits)})})
+def evaluate_instruction(
+    broadcast: Mapping[str, Any], splits: tuple[str, ...], round_idx: int, federation_id: str
+) -> RecordDict:
+    """The content of an ``evaluate`` message: evaluate ``broadcast``'s weights, the model of round ``round_idx``
+    (0-based), on ``splits`` with the site's state of federation ``federation_id`` after that round."""
+    config = ConfigRecord({"splits": ",".join(splits), "round": round_idx, FEDERATION_ID: federation_id})
+    return RecordDict({**broadcast, CONFIG: config})
 
 
 def train_reply(
@@ -115,6 +124,8 @@ def read_evaluation(content: RecordDict) -> dict[str, dict[str, float]]:
     """``{split: {metric: value}}`` of an evaluate reply."""
     results: dict[str, dict[str, float]] = {}
     for key, value in content.metric_records[METRICS].items():
-        split, name = key.split("/", 1)
-        results.setdefault(split, {})[name] = float(value)  # type: ignore[arg-type]  # evaluate_reply's floats
+        split, separator, name = key.partition("/")
+        if not separator or not isinstance(value, int | float):
+            raise ValueError(f"the metric {key!r}: {value!r} is not a 'split/name': number entry")
+        results.setdefault(split, {})[name] = float(value)
     return results

@@ -3,7 +3,8 @@ segmentation_models_pytorch U-Nets (segmenters).
 
 A builder is any callable ``(num_classes, in_chans, **kwargs) -> nn.Module``. Nothing is ever
 downloaded: timm models are built with ``pretrained=False`` and smp encoders with
-``encoder_weights=None``; load local weights after building instead.
+``encoder_weights=None``, and timm's own weight loading (``checkpoint_path``, ``pretrained_cfg``...) is refused;
+load local weights after building instead (``model.weights_path``).
 """
 
 from __future__ import annotations
@@ -53,8 +54,14 @@ def list_registered() -> dict[str, list[str]]:
     return {"classifier": sorted(_CLASSIFIERS), "segmenter": sorted(_SEGMENTERS)}
 
 
+# timm.create_model's arguments that load weights from a file or a hub (smp hands its extra arguments on to
+# timm.create_model for "tu-" encoders). timm's loader may unpickle a checkpoint in full, so a file named there
+# could run code; model.weights_path is read with weights_only=True instead.
+_WEIGHT_LOADING_ARGUMENTS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
 def _refuse_downloads(name: str, kwargs: dict[str, Any]) -> None:
-    """Drop ``pretrained=False``; refuse any request for downloaded weights."""
+    """Drop ``pretrained=False``; refuse any request for downloaded weights, or for weights timm would load."""
     if kwargs.pop("pretrained", False):
         raise ValueError(
             f"pretrained=True was asked for model {name!r}, but nothing is downloaded at run time; "
@@ -66,6 +73,13 @@ def _refuse_downloads(name: str, kwargs: dict[str, Any]) -> None:
             "downloaded at run time; leave it unset and load a local weights file instead."
         )
     kwargs.pop("encoder_weights", None)
+    loading = [key for key in _WEIGHT_LOADING_ARGUMENTS if key in kwargs]
+    if loading:
+        raise ValueError(
+            f"{', '.join(f'{key}={kwargs[key]!r}' for key in loading)} was given for model {name!r} (model."
+            "backbone_kwargs), which would make timm load weights itself, without weights_only; remove it and give "
+            "the file as model.weights_path (a local state dict, read with weights_only=True)."
+        )
 
 
 def create_classifier(name: str, num_classes: int, in_chans: int = 3, **kwargs: Any) -> nn.Module:
