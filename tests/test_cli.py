@@ -31,8 +31,9 @@ def test_fit_writes_outputs_under_runs_config_name_and_test_reproduces_the_best_
     assert summary["rounds"] == 2 and set(summary["clients"]) == {f"site_{i}" for i in range(4)}
     assert len(read_metrics_csv(run / "metrics.csv")) == 2 * 5 * 3
 
+    # The configuration the run saved is all `test` needs (fit-only settings such as the executor are not in it).
     best = str(run / "checkpoints" / "best.ckpt")
-    tested = run_cli("test", "--config", config, "--ckpt_path", best, *CLI_TINY, cwd=tmp_path)
+    tested = run_cli("test", "--config", str(run / "config.yaml"), "--ckpt_path", best, cwd=tmp_path)
     assert "site_3" in tested.stdout
     test_summary = json.loads((run / "checkpoints" / "test_summary.json").read_text())
     assert test_summary["best_round"] == summary["best_round"]
