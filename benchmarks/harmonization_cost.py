@@ -6,9 +6,10 @@ times, on the same random batch:
 
 - **ours**: what ``AmplitudeHarmonization`` runs per training batch once a target exists, under ``torch.no_grad()``:
   ``reference`` preset (band 0, momentum 0): ``harmonize`` only (the DC-only fast path), the target being frozen
-  after the first batch; ``paper`` preset (band 0.5, momentum 0.1): ``amplitude_spectrum`` of the batch, the
-  running-mean update and a full-spectrum ``harmonize``. The result is copied into a batch buffer, as the callback
-  copies it into the batch.
+  after the first batch; ``paper`` preset (band 0.5, momentum 0.1): the batch's ``image_spectrum`` (one forward
+  real FFT: the half spectrum), the running-mean update from its amplitude and a full-spectrum ``harmonize`` of
+  that same spectrum (``F·target/|F|``, no phase computed; an inverse real FFT). The result is copied into a batch
+  buffer, as the callback copies it into the batch.
 - **reference**: the reference code's approach, rewritten here in numpy: one image at a time, copied to the host
   in float64, ``fft2`` per channel, amplitude and phase, the amplitude inside the centred window (after
   ``fftshift``; half-width ``floor(min(H, W) * L)``, L = 0 for the DC coefficient only, 0.5 for everything)
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from callbacks import PRESETS
-from harmofl.amplitude import amplitude_spectrum, harmonize, update_running_amplitude
+from harmofl.amplitude import amplitude_spectrum, full_amplitude, harmonize, image_spectrum, update_running_amplitude
 from harmofl.losses import ce_dice_loss
 from harmofl.models import create_classifier, create_segmenter
 from harmofl.perturbation import WeightPerturbation
@@ -93,11 +94,15 @@ WORKLOADS = (
 
 def ours(images: Tensor, running: Tensor, band: float, momentum: float, out: Tensor) -> Tensor:
     """Harmonize ``images`` into ``out`` as ``AmplitudeHarmonization`` does once a target exists; returns the target."""
-    target = running
-    # With momentum 0 the callback keeps the first batch's amplitude: later batches need no spectrum.
+    target, spectrum, magnitude = running, None, None
+    # With momentum 0 the callback keeps the first batch's amplitude: later batches need no spectrum. Otherwise
+    # one forward FFT serves the running mean and the harmonization.
     if momentum > 0:
-        target = update_running_amplitude(running, amplitude_spectrum(images), momentum)
-    out.copy_(harmonize(images, target, band))
+        spectrum = image_spectrum(images)
+        magnitude = spectrum.abs()
+        batch_amplitude = full_amplitude(magnitude.mean(dim=0, keepdim=True), images.shape[-1])
+        target = update_running_amplitude(running, batch_amplitude, momentum)
+    out.copy_(harmonize(images, target, band, spectrum, magnitude))
     return target
 
 

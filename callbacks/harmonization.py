@@ -11,11 +11,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from harmofl.amplitude import (
-    amplitude_spectrum,
     check_band,
     crop_window,
     expand_window,
+    full_amplitude,
     harmonize,
+    image_spectrum,
     update_running_amplitude,
 )
 from harmofl.federation.callback import FederatedCallback
@@ -106,8 +107,13 @@ class AmplitudeHarmonization(FederatedCallback):
         images = _images_of(batch)
         client = _current_client(trainer)
         # With momentum 0 only the first batch counts: later batches need no spectrum.
+        spectrum = magnitude = None
         if update and not self.frozen and (client not in self.client_targets or self.momentum > 0):
-            self._update_target(client, images)
+            # One forward FFT serves the target's update and, below, the harmonization.
+            spectrum = image_spectrum(images.detach())
+            magnitude = spectrum.abs()
+            # The batch mean of the half amplitude, mirrored: bitwise the mean of the whole amplitude, 1/B the work.
+            self._update_target(client, images.shape, full_amplitude(magnitude.mean(dim=0), images.shape[-1]))
         target = self.target_for(client)
         if target is None:
             if not self._warned_untrained:
@@ -118,12 +124,13 @@ class AmplitudeHarmonization(FederatedCallback):
                 self._warned_untrained = True
             return
         with torch.no_grad():
-            images.copy_(harmonize(images, target.to(images.device), self.band))
+            images.copy_(harmonize(images, target.to(images.device), self.band, spectrum, magnitude))
 
-    def _update_target(self, client: str, images: Tensor) -> None:
-        # The batch mean of the whole spectrum, then its window: bitwise the window of the whole running mean.
-        batch_mean = crop_window(amplitude_spectrum(images.detach()).mean(dim=0, keepdim=True), self.band)
-        image_shape = (images.shape[1], images.shape[2], images.shape[3])
+    def _update_target(self, client: str, batch_shape: torch.Size, batch_amplitude: Tensor) -> None:
+        """Move ``client``'s running target towards a batch's mean amplitude ``[C, H, W]``."""
+        # The window of the batch mean: bitwise the window of the whole running mean.
+        batch_mean = crop_window(batch_amplitude.unsqueeze(0), self.band)
+        image_shape = (batch_shape[1], batch_shape[2], batch_shape[3])
         if self.client_image_shapes.get(client, image_shape) != image_shape:
             raise ValueError(
                 f"Client {client!r}'s images changed shape from {self.client_image_shapes[client]} to {image_shape}: "

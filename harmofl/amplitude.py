@@ -39,10 +39,27 @@ def check_band(band: float) -> float:
     return float(band)
 
 
+def image_spectrum(images: Tensor) -> Tensor:
+    """``rfft2`` of every image and channel: the half spectrum ``[B, C, H, W//2 + 1]`` (a real image's other half
+    mirrors it, ``F(-k) = conj F(k)``), complex64 (complex128 for float64 input), unshifted. Computed once, it
+    serves both a batch's amplitude (:func:`full_amplitude`) and its harmonization (:func:`harmonize`)."""
+    check_images(images)
+    return torch.fft.rfft2(fft_precision(images))
+
+
+def full_amplitude(half_amplitude: Tensor, width: int) -> Tensor:
+    """The ``[..., H, W]`` amplitude of real images from that of their half spectrum ``[..., H, W//2 + 1]``: column
+    ``w > W//2`` of row ``h`` is ``|F(-h, -w)|``, row ``-h mod H``, column ``W - w`` of the half."""
+    height = half_amplitude.shape[-2]
+    rows = torch.remainder(-torch.arange(height, device=half_amplitude.device), height)
+    columns = torch.arange(width - width // 2 - 1, 0, -1, device=half_amplitude.device)
+    mirrored = half_amplitude.index_select(-2, rows).index_select(-1, columns)
+    return torch.cat([half_amplitude, mirrored], dim=-1)
+
+
 def amplitude_spectrum(images: Tensor) -> Tensor:
     """``|FFT2|`` of every image and channel, in float32 (or float64 for float64 input), unshifted."""
-    check_images(images)
-    return torch.fft.fft2(fft_precision(images)).abs()
+    return full_amplitude(image_spectrum(images).abs(), images.shape[-1])
 
 
 def low_frequency_mask(height: int, width: int, band: float, device: torch.device | None = None) -> Tensor:
@@ -92,13 +109,22 @@ def expand_window(window: Tensor, image_shape: Sequence[int], band: float) -> Te
     return target
 
 
-def harmonize(images: Tensor, target_amplitude: Tensor, band: float) -> Tensor:
+def harmonize(
+    images: Tensor,
+    target_amplitude: Tensor,
+    band: float,
+    spectrum: Tensor | None = None,
+    magnitude: Tensor | None = None,
+) -> Tensor:
     """Replace the amplitude of ``images`` inside the ``band`` window by ``target_amplitude``, keeping phase.
 
     Args:
         images: ``[B, C, H, W]`` real images.
         target_amplitude: ``[C, H, W]`` amplitude spectrum (unshifted, as :func:`amplitude_spectrum` gives).
         band: window half-width ratio in ``[0, 0.5]``.
+        spectrum, magnitude: ``images``' :func:`image_spectrum` and its ``abs()`` when the caller already has them (a
+            training batch whose amplitude also updates the target): one forward FFT instead of two. The DC-only
+            window needs neither.
 
     Returns:
         The harmonized images, same shape and dtype as ``images``.
@@ -113,16 +139,32 @@ def harmonize(images: Tensor, target_amplitude: Tensor, band: float) -> Tensor:
     height, width = images.shape[-2:]
     if int(height * band) == 0 and int(width * band) == 0:
         return _harmonize_dc(images, target_amplitude)
-    spectrum = torch.fft.fft2(fft_precision(images))
-    target = target_amplitude.to(device=images.device, dtype=spectrum.real.dtype)
-    return torch.fft.ifft2(with_amplitude_in_window(spectrum, target, band)).real.to(images.dtype)
+    if spectrum is None:
+        spectrum = image_spectrum(images)
+    # The half spectrum of the target too: its other half, like the images', is the mirror (a mean amplitude of
+    # real images is symmetric), so the inverse real FFT gives what the full complex one's real part would.
+    target = target_amplitude[..., : spectrum.shape[-1]].to(device=images.device, dtype=spectrum.real.dtype)
+    swapped = with_amplitude_in_window(spectrum, target, band, width, magnitude)
+    return torch.fft.irfft2(swapped, s=(height, width)).to(images.dtype)
 
 
-def with_amplitude_in_window(spectrum: Tensor, amplitude: Tensor, band: float) -> Tensor:
+def with_amplitude_in_window(
+    spectrum: Tensor, amplitude: Tensor, band: float, width: int | None = None, magnitude: Tensor | None = None
+) -> Tensor:
     """``spectrum`` (``[B, C, H, W]``, unshifted) whose amplitude inside the ``band`` window is ``amplitude``
-    (broadcast to it), its phase kept everywhere; outside the window the spectrum is unchanged."""
-    mask = low_frequency_mask(spectrum.shape[-2], spectrum.shape[-1], band, spectrum.device)
-    swapped = torch.polar(amplitude.expand_as(spectrum.real), spectrum.angle())
+    (broadcast to it), its phase kept everywhere; outside the window the spectrum is unchanged. With ``width``,
+    ``spectrum`` is the half spectrum (:func:`image_spectrum`) of images that wide, and ``amplitude`` its half;
+    ``magnitude`` is ``spectrum.abs()`` when the caller has it.
+
+    ``F·A/|F|`` has amplitude ``A`` and ``F``'s phase without computing the phase (``angle`` and ``polar`` cost
+    more than the FFTs); a coefficient of amplitude 0 has phase 0 (``torch.angle(0)``), so there ``A`` itself."""
+    magnitude = spectrum.abs() if magnitude is None else magnitude
+    swapped = torch.where(magnitude > 0, spectrum * (amplitude / magnitude), amplitude.to(spectrum.dtype))
+    height, columns = spectrum.shape[-2:]
+    width = columns if width is None else width
+    if window_shape((1, height, width), band)[1:] == (height, width):  # the whole spectrum: no mask to apply
+        return swapped
+    mask = low_frequency_mask(height, width, band, spectrum.device)[:, :columns]
     return torch.where(mask, swapped, spectrum)
 
 

@@ -126,3 +126,18 @@ def test_bad_settings_are_rejected():
         AmplitudeHarmonization(share_target="sometimes")
     with pytest.raises(ValueError, match="'fancy'"):
         AmplitudeHarmonization(preset="fancy")
+
+
+def test_a_training_batch_costs_one_forward_fft_under_the_paper_preset(monkeypatch):
+    # The batch's spectrum updates the running target and is harmonized: one FFT there and one inverse back.
+    callback = AmplitudeHarmonization(preset="paper")
+    trainer = _Trainer(current_client="a")
+    callback.on_train_batch_start(trainer, None, _batch(0), 0)
+    calls = []
+    forward = torch.fft.rfft2
+    monkeypatch.setattr(torch.fft, "rfft2", lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs))
+    batch = _batch(1)
+    raw = batch[0].clone()
+    callback.on_train_batch_start(trainer, None, batch, 1)
+    assert len(calls) == 1
+    torch.testing.assert_close(batch[0], harmonize(raw, callback.target_for("a"), 0.5))
