@@ -88,11 +88,22 @@ def compare_outputs(before: Path, after: Path, checkpoints: Sequence[str] = CHEC
         one, two = before / name, after / name
         if not one.is_file() or not two.is_file():
             return f"{name}: missing {'before' if not one.is_file() else 'after'}"
-        # torch.load, not harmofl's load_checkpoint: an older tree's checkpoint format must load too.
-        found = first_difference(
-            torch.load(one, map_location="cpu", weights_only=True),
-            torch.load(two, map_location="cpu", weights_only=True),
-        )
+        found = first_difference(inline_checkpoint(one), inline_checkpoint(two))
         if found:
             return f"{name} {found}"
     return IDENTICAL
+
+
+def inline_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint with every client's entry inline, whichever tree wrote it: torch.load, not harmofl's
+    load_checkpoint, so that an older tree's format loads too. A manifest's record references (format 2) are
+    replaced by the records' entries, and the format's version is left out, so that the same state compares equal
+    across the two formats."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint.pop("harmofl_checkpoint", None)
+    for client, entry in checkpoint.get("clients", {}).items():
+        if isinstance(entry, str):  # a record file's path, relative to the manifest's folder
+            checkpoint["clients"][client] = torch.load(path.parent / entry, map_location="cpu", weights_only=True)[
+                "entry"
+            ]
+    return checkpoint

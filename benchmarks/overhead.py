@@ -74,7 +74,7 @@ def run_orchestrator(work: Workload, data: FederatedDataModule, root: Path, devi
     counter = PassCounter(client.model)
     trainer = FederatedTrainer(
         rounds=work.rounds,
-        accelerator="cpu",
+        accelerator=work.accelerator,
         devices=devices,
         enable_progress_bar=False,
         default_root_dir=str(root),
@@ -127,7 +127,8 @@ def run_orchestrator_at(work: Workload, data: FederatedDataModule, processes: in
 
 def run_plain_at(work: Workload, data: FederatedDataModule, threads: int) -> Timed:
     harness.pin_threads(threads)
-    return in_folder(functools.partial(run_plain, work.spec.recipe, data, work.rounds, SEED))
+    device = torch.device(work.accelerator)
+    return in_folder(functools.partial(run_plain, work.spec.recipe, data, work.rounds, SEED, device=device))
 
 
 def in_folder(run: Callable[[Path], Timed]) -> Timed:
@@ -239,6 +240,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         demo = ", ".join(f"{task} {spec.sizes[name]}" for task, spec in TASKS.items())
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"default: the demo's ({demo})")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions of each run, alternating")
+    parser.add_argument(
+        "--accelerator", choices=("cpu", "cuda"), default="cpu", help="both runs' device (cuda: one GPU per process)"
+    )
     # One thread by default: on a small shared machine more threads make the timings noisier, not more telling.
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each orchestrator process")
     parser.add_argument("--profile", action="store_true", help="also cProfile one orchestrator run per task")

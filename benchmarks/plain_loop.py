@@ -44,6 +44,7 @@ OMITS = (
 )
 
 Loss = Callable[[Tensor, Tensor], Tensor]
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -158,14 +159,18 @@ class Harmonization:
         return images.copy_(harmonize(images, target, self.band))
 
 
-def run_plain(recipe: Recipe, data: FederatedDataModule, rounds: int, seed: int, root: Path) -> tuple[float, RunResult]:
-    """The whole run, writing into ``root``; timed from after the network's construction to the last checkpoint."""
+def run_plain(
+    recipe: Recipe, data: FederatedDataModule, rounds: int, seed: int, root: Path, device: torch.device = CPU
+) -> tuple[float, RunResult]:
+    """The whole run on ``device``, writing into ``root``; timed from after the network's construction to the last
+    checkpoint. The global weights it returns are on the host, as the orchestrator's."""
     torch.manual_seed(seed)  # the same initial weights as the orchestrator's network
-    network = recipe.network()
+    network = recipe.network().to(device)
     counter = PassCounter(network)
-    with harness.Timer(collect=True) as timer:
+    with harness.Timer(device, collect=True) as timer:
         global_state, results = federate(recipe, network, data, rounds, seed, root)
-    return timer.seconds, RunResult(counter.passes, results, global_state)
+    host_state = {key: value.cpu() for key, value in global_state.items()}
+    return timer.seconds, RunResult(counter.passes, results, host_state)
 
 
 def federate(
@@ -179,7 +184,8 @@ def federate(
     optimizer_states: dict[str, dict[str, Any]] = {}
     global_state = {key: value.detach().clone() for key, value in network.state_dict().items()}
     harmonization = Harmonization(**PRESETS[recipe.preset])
-    metrics = recipe.metrics()
+    device = next(network.parameters()).device
+    metrics = recipe.metrics().to(device)
     results: dict[tuple[str, str], dict[str, float]] = {}
     clients = data.client_names
 
@@ -239,8 +245,10 @@ def train_client(
 ) -> float:
     """One epoch of perturbed steps on harmonized batches; the mean unperturbed loss."""
     network.train()
-    loss_sum = torch.zeros(())
+    device = next(network.parameters()).device
+    loss_sum = torch.zeros((), device=device)
     for images, targets in loader:
+        images, targets = images.to(device), targets.to(device)
         loss_sum += perturbed_step(network, optimizer, loss_fn, harmonization.training_batch(client, images), targets)
     return (loss_sum / len(loader)).item()
 
@@ -291,6 +299,8 @@ def evaluate(
     assert harmonization.shared_target is not None  # shared after round 1's aggregation, before any evaluation
     network.eval()
     metrics.reset()
+    device = next(network.parameters()).device
     for images, targets in DataLoader(data.dataset(client, split), batch_size=data.eval_batch_size):
+        images, targets = images.to(device), targets.to(device)
         metrics.update(predictions(network(harmonization.apply_(images, harmonization.shared_target))), targets)
     return {name: float(value) for name, value in metrics.compute().items()}

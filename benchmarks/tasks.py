@@ -17,7 +17,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
 from harmofl import ClassificationClient, FederatedClient, SegmentationClient
-from harmofl.clients.segmentation import foreground_dice_metrics
+from harmofl.clients.segmentation import foreground_segmentation_metrics
 from harmofl.data import DemoHistology, DemoNuclei, FederatedDataModule
 from harmofl.losses import ce_dice_loss
 from harmofl.models import create_classifier, create_segmenter, use_batch_statistics
@@ -63,7 +63,7 @@ TASKS: dict[str, Task] = {
             optimizer=functools.partial(torch.optim.Adam, lr=0.003, weight_decay=1e-4),
             preset="paper",
             loss=ce_dice_loss,
-            metrics=lambda: foreground_dice_metrics(NUM_CLASSES),  # as harmofl.SegmentationClient builds them
+            metrics=lambda: foreground_segmentation_metrics(NUM_CLASSES),  # as harmofl.SegmentationClient builds them
             predictions=lambda logits: logits.argmax(dim=1),
         ),
     ),
@@ -82,6 +82,7 @@ class Workload:
     val_per_site: int
     test_per_site: int
     batch_size: int
+    accelerator: str = "cpu"  # both runs' device: cpu or cuda (benchmarks/gpu.py)
 
     @property
     def spec(self) -> Task:
@@ -109,4 +110,4 @@ def workload_from(args: argparse.Namespace, task: str) -> Workload:
         name: default if getattr(args, name) is None else getattr(args, name)
         for name, default in TASKS[task].sizes.items()
     }
-    return Workload(task, args.rounds, args.clients, args.image_size, **sizes)
+    return Workload(task, args.rounds, args.clients, args.image_size, **sizes, accelerator=args.accelerator)

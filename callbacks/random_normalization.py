@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from callbacks.site_bank import SiteBankCallback, images_and_targets
 from harmofl.data.base import Split
+from harmofl.data.loaders import SplitLoader
 from harmofl.federation.topology import POOLED_CLIENT
 from harmofl.random_normalization import channel_statistics, normalize, random_site_normalization
 
@@ -57,7 +57,7 @@ class RandomDomainNormalization(SiteBankCallback):
         return self.client_summaries[client]
 
 
-def _training_loader(trainer: FederatedTrainer, client: str) -> DataLoader:
+def _training_loader(trainer: FederatedTrainer, client: str) -> SplitLoader:
     if client == POOLED_CLIENT:  # centralized training: the union of the training clients' data
         return trainer.datamodule.pooled_dataloader(trainer.federation.training_clients)
     return trainer.datamodule.dataloader(client, "train")

@@ -1,4 +1,4 @@
-"""HarmoFL-Lightning's command line: ``python cli.py fit|validate|test|compare --config configs/demo.yaml``.
+"""HarmoFL-Lightning's command line: ``python cli.py fit|validate|test|predict|compare --config configs/demo.yaml``.
 
 Every setting is a typed constructor argument of the trainer (:class:`harmofl.FederatedTrainer`), the client
 model (:class:`harmofl.FederatedClient` subclasses) or the data (:class:`harmofl.data.FederatedDataModule`
@@ -7,16 +7,18 @@ subclasses); ``python cli.py fit --help`` lists them and ``--print_config`` show
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 from pathlib import Path
 
-from jsonargparse import ArgumentParser
+import yaml
+from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from harmofl import compare_cli
 from harmofl.clients import FederatedClient
-from harmofl.compare import run_comparison
 from harmofl.data import FederatedDataModule
 from harmofl.run_folder import atomic_write_text
 from harmofl.trainer import FederatedTrainer
@@ -33,15 +35,18 @@ class AtomicSaveConfig(SaveConfigCallback):
         if trainer.is_global_zero:
             text = self.parser.dump(self.config, skip_none=False)
             atomic_write_text(Path(trainer.log_dir or ".") / self.config_filename, text)
+            for logger in trainer.loggers:  # W&B shows the run's resolved configuration
+                logger.log_hyperparams(yaml.safe_load(text))
         self.already_saved = True
 
 
 class HarmoFLCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        # Federated training and per-client evaluation of checkpoints; no `predict` (yet). `fit`'s executor is an
-        # object the Flower server passes in code, no setting: left out, a saved config.yaml serves `test` as it is.
-        subcommands = {key: value for key, value in LightningCLI.subcommands().items() if key != "predict"}
+        # Federated training, per-client evaluation of checkpoints, and prediction on unlabelled inputs
+        # (`--predict.input`). `fit`'s executor is an object the Flower server passes in code, no setting: left out,
+        # a saved config.yaml serves `test` and `predict` as it is.
+        subcommands = LightningCLI.subcommands()
         return {**subcommands, "fit": {*subcommands["fit"], "executor"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -88,6 +93,30 @@ def build(args: list[str], save_config: bool = False) -> HarmoFLCLI:
         )
 
 
+class _ConfigCheckCLI(HarmoFLCLI):
+    """Parses and checks a configuration as ``fit`` would, instantiating nothing."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse_fit_config(args: list[str]) -> tuple[LightningArgumentParser, Namespace]:
+    """The parser and the checked configuration ``cli.py fit`` would run with ``args`` (without a subcommand),
+    nothing instantiated: a bad key or value raises ``ArgumentError`` naming it, in about a second."""
+    seed_log = logging.getLogger("lightning.fabric.utilities.seed")
+    level = seed_log.level
+    seed_log.setLevel(logging.WARNING)  # a check seeds nothing worth announcing (compare checks once per strategy)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            cli = _ConfigCheckCLI(
+                **_cli_kwargs(), args=args, run=False, save_config_callback=None, parser_kwargs={"exit_on_error": False}
+            )
+    finally:
+        seed_log.setLevel(level)
+    return cli.parser, cli.config
+
+
 def _cli_kwargs() -> dict:
     return dict(
         model_class=FederatedClient,
@@ -103,10 +132,7 @@ def _cli_kwargs() -> dict:
 
 def main() -> None:
     if sys.argv[1:2] == ["compare"]:
-        # Many fits side by side: a typed function of its own, not a trainer method. A plain parser, because
-        # jsonargparse's CLI() would take `--config` for its own config-file option.
-        parser = ArgumentParser(prog="cli.py compare", description=run_comparison.__doc__)
-        parser.add_function_arguments(run_comparison)
-        run_comparison(**parser.parse_args(sys.argv[2:]).as_dict())
+        # Many fits side by side: a typed function of its own that also takes every fit argument.
+        compare_cli.main(sys.argv[2:])
         return
     HarmoFLCLI(**_cli_kwargs(), save_config_callback=AtomicSaveConfig)

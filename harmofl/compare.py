@@ -9,10 +9,16 @@ out stay unseen); ``loso`` (leave one site out) trains one federation per held-o
 model every round without ever training or sending anything.
 
 Each run is a ``cli.py fit`` subprocess writing to ``<output>/<strategy>/seed_<seed>`` (``loso``:
-``<output>/<strategy>/<site>/seed_<seed>``). Outputs: ``comparison.csv`` (one row per test metric of a client in a
+``<output>/<strategy>/<site>/seed_<seed>``), its output in the run folder's ``compare_fit.log``; ``--jobs N`` runs N
+at once, each on a GPU of its own or its share of the CPU cores (:mod:`harmofl.compare_jobs`), ``--launcher
+submitit`` as jobs of a cluster (:mod:`harmofl.cluster`). A failed fit does not stop the others; compare then fails,
+naming each failed run and its log. The tables are built from the run folders once every fit has ended, so they do
+not depend on ``--jobs``. Outputs: ``comparison.csv`` (one row per test metric of a client in a
 run), ``comparison.md`` (in-federation and unseen-site tables, mean ± 95 % CI over seeds, paired differences to the
 baseline with Wilcoxon p-values, "tied" where the best is not distinguishable) and ``comparison.png`` (convergence
-per strategy, averaged over seeds and folds).
+per strategy, averaged over seeds and folds). Fit's own arguments (``--trainer.*``, ``--model.*``, ``--data.*``;
+:mod:`harmofl.compare_cli`) are checked with each strategy's overlay by fit's parser before any run starts
+(:func:`check_fit_arguments`). With a ``WandbLogger`` the comparison is one W&B group (:mod:`harmofl.compare_wandb`).
 
 Reuse. A run folder records the key of the run it holds (:func:`harmofl.run_key.run_key`: the fit command, the code
 version, the SHA-256 of every config file the run reads) in ``compare_started.json``, then ``compare_done.json``
@@ -29,23 +35,20 @@ checked to lie inside the output folder.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
 import shlex
-import statistics
-import subprocess
 import sys
-from collections.abc import Sequence
-from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from harmofl import reporting
-from harmofl.comparison_tables import ROLES, Measurement, Role, SiteValues, markdown_table, paired_table, site_values
+from jsonargparse import ArgumentError
+
+from harmofl import cluster, compare_jobs, compare_report, compare_wandb
+from harmofl.compare_jobs import FitJob
+from harmofl.compare_report import Run
 from harmofl.run_folder import RunFolderLock, atomic_write_text
-from harmofl.run_key import claim, finished, mark_done, run_key
+from harmofl.run_key import claim, finished, run_key
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGY_DIR = REPO / "configs" / "strategies"
@@ -53,19 +56,9 @@ DEFAULT_STRATEGIES = (
     "harmofl,fedavg,fedbn,fedprox,fednova,fedavgm,fedadam,fedyogi,scaffold,moon,fedsam,harmonization,local,pooled"
 )
 Protocol = Literal["federated", "loso"]
+Launcher = Literal["local", "submitit"]
 # A strategy name becomes a folder name: one path component, no hidden or parent folder.
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
-
-
-@dataclass(frozen=True)
-class Run:
-    """One fit of the comparison: ``fold`` is the site a ``loso`` run holds out ("" otherwise)."""
-
-    strategy: str
-    overlay: Path
-    seed: int
-    fold: str
-    directory: Path
 
 
 def available_strategies() -> list[str]:
@@ -82,6 +75,11 @@ def run_comparison(
     held_out: str = "",
     baseline: str = "fedavg",
     rerun_changed: bool = False,
+    jobs: int = 1,
+    threads_per_job: int = 0,
+    launcher: Launcher = "local",
+    submitit_parameters: dict[str, Any] | None = None,
+    submitit_cluster: str | None = None,
 ) -> Path:
     """Run every strategy × seed on ``config`` and write comparison.csv / .md / .png.
 
@@ -91,13 +89,23 @@ def run_comparison(
             (a sweep's variants), named by their file name.
         seeds: comma-separated seeds (``seed_everything`` of each run).
         output_dir: where runs and results go; default ``runs/compare_<config name>`` (``_loso`` appended).
-        overrides: extra ``cli.py fit`` arguments for every run, e.g. ``"--trainer.rounds 5"``.
+        overrides: extra ``cli.py fit`` arguments for every run, e.g. ``"--trainer.rounds 5"`` (on the command
+            line, fit's arguments may also be given directly: ``--trainer.rounds 5``). Part of each run's key.
         protocol: ``federated`` (one federation of every site) or ``loso`` (leave one site out: one federation
             per held-out site, which is evaluated as an unseen site).
         held_out: ``loso`` only: comma-separated sites to hold out in turn; default every site of the data.
         baseline: the strategy every other one is compared with, pair by pair (seed × site).
         rerun_changed: a run folder holding a run made with another key (code, config files or command) is moved
             aside to ``<run>.replaced-<UTC time>`` and run again; without it compare refuses to touch it.
+        jobs: how many fits run at once. On this machine each gets a GPU of its own where CUDA devices are visible
+            (at most one job per device) and its share of the cores; with ``submitit``, the array's parallelism.
+        threads_per_job: CPU threads of each fit (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``); 0: the cores //
+            ``jobs`` on this machine, the cluster's allocation with ``submitit``.
+        launcher: ``local`` (this machine) or ``submitit`` (a cluster's job array; ``pip install -e .[cluster]``).
+        submitit_parameters: ``submitit.AutoExecutor.update_parameters`` arguments, e.g. ``{"slurm_partition":
+            "gpu", "timeout_min": 120, "gpus_per_node": 1, "cpus_per_task": 8}``.
+        submitit_cluster: submitit's cluster: unset picks SLURM where it is installed; ``local`` or ``debug`` try
+            the jobs on this machine.
 
     Returns:
         The output folder.
@@ -111,26 +119,53 @@ def run_comparison(
     extra = shlex.split(overrides)
     if held_out and protocol != "loso":
         raise ValueError(f"held_out={held_out!r} needs --protocol loso; the federated protocol holds out none.")
+    fit_config = check_fit_arguments(Path(config), overlays, extra)
     folds = _folds(Path(config), extra, held_out) if protocol == "loso" else [""]
     output = Path(output_dir or Path("runs") / f"compare_{Path(config).stem}{'_loso' if protocol == 'loso' else ''}")
+    wandb_summary = compare_wandb.summary_init_arguments(fit_config)  # None: no WandbLogger
     runs = [
         Run(name, overlay, seed, fold, _inside(output, Path(name, fold, f"seed_{seed}")))
         for name, overlay in overlays.items()
         for fold in folds
         for seed in seed_values
     ]
+    slots = _slots(launcher, jobs, threads_per_job)  # refused before any run
     with RunFolderLock(output):
-        for run in runs:
-            _fit(Path(config), run, extra, rerun_changed)
-        measurements = [m for run in runs for m in _measurements(run)]
-        metric = _primary_metric(measurements)
-        _write_csv(measurements, output / "comparison.csv")
+        group = output.resolve().name if wandb_summary is not None else None
+        pending = [job for run in runs if (job := _fit_job(Path(config), run, extra, rerun_changed, group)) is not None]
+        if launcher == "submitit":
+            cluster_folder = output / ".submitit"  # hidden: no strategy's folder can have its name
+            parameters = submitit_parameters or {}
+            failed = cluster.run_fits_on_cluster(pending, cluster_folder, jobs, parameters, submitit_cluster, slots[0])
+        else:
+            failed = compare_jobs.run_fits(pending, slots)
+        if failed:
+            raise RuntimeError(compare_jobs.failure_report(failed, len(pending)))
+        measurements = [m for run in runs for m in compare_report.measurements(run)]
+        metric = compare_report.primary_metric(measurements)
+        compare_report.write_csv(measurements, output / "comparison.csv")
         command = _command_line(config, overlays, seeds, overrides, protocol, held_out, baseline)
-        table = _markdown(measurements, list(overlays), metric, baseline, seeds, command)
+        table = compare_report.markdown(measurements, list(overlays), metric, baseline, seeds, command)
         atomic_write_text(output / "comparison.md", table)
-        _plot(runs, metric, output / "comparison.png")
+        compare_report.plot(runs, metric, output / "comparison.png")
+        if wandb_summary is not None and group is not None:
+            compare_wandb.log_summary(wandb_summary, group, output, command)
     print(table)
     return output
+
+
+def _slots(launcher: Launcher, jobs: int, threads_per_job: int) -> list[dict[str, str]]:
+    """The environment of each running fit (:func:`harmofl.compare_jobs.job_environments`); with ``submitit``, the
+    one every job gets: the threads asked for, the cluster giving each job its devices and cores. Raises before any
+    run on bad numbers, more jobs than GPUs, or a launcher that is not installed."""
+    if launcher == "local":
+        gpus = compare_jobs.visible_gpus()
+        return compare_jobs.job_environments(jobs, compare_jobs.cpu_cores(), gpus, threads_per_job)
+    if launcher == "submitit":
+        cluster.import_submitit()
+        checked = compare_jobs.job_environments(jobs, 1, [], threads_per_job)
+        return checked[:1] if threads_per_job else [{}]
+    raise ValueError(f"Unknown launcher {launcher!r}; use 'local' (this machine) or 'submitit' (a cluster).")
 
 
 def _overlays(strategies: str) -> dict[str, Path]:
@@ -188,10 +223,31 @@ def _folds(config: Path, extra: list[str], held_out: str) -> list[str]:
     return chosen
 
 
-def _fit(config: Path, run: Run, extra: list[str], rerun_changed: bool) -> None:
-    """One ``cli.py fit`` subprocess, unless a run of the same key already finished in the run's folder; an
-    interrupted run of the same key continues from its ``last.ckpt``; a run of another key is refused or, with
-    ``rerun_changed``, moved aside."""
+def check_fit_arguments(config: Path, overlays: dict[str, Path], extra: list[str]) -> Any:
+    """Check the fit arguments with each strategy's overlay by fit's own parser, before any run starts; the fit
+    config of the first strategy.
+
+    Raises:
+        ValueError: a key or value fit refuses, naming the strategy and fit's message.
+    """
+    from harmofl.cli import parse_fit_config  # the CLI imports this module
+
+    configs = []
+    for name, overlay in overlays.items():
+        try:
+            configs.append(parse_fit_config(["--config", str(config), "--config", str(overlay), *extra])[1])
+        except ArgumentError as error:
+            raise ValueError(
+                f"The fit arguments {shlex.join(extra)!r} with strategy {name!r} ({overlay}) are refused by "
+                f"`cli.py fit`: {error}. See `python cli.py fit --help`."
+            ) from error
+    return configs[0]
+
+
+def _fit_job(config: Path, run: Run, extra: list[str], rerun_changed: bool, group: str | None) -> FitJob | None:
+    """The ``cli.py fit`` that ``run`` needs, its folder claimed; None if a run of the same key already finished in
+    the run's folder. An interrupted run of the same key continues from its ``last.ckpt``; a run of another key is
+    refused or, with ``rerun_changed``, moved aside. ``group``: the W&B group the run joins (None: no W&B)."""
     command = [
         sys.executable,
         str(REPO / "cli.py"),
@@ -213,46 +269,13 @@ def _fit(config: Path, run: Run, extra: list[str], rerun_changed: bool) -> None:
     label = f"{run.strategy} seed {run.seed}" + (f" holding out {run.fold}" if run.fold else "")
     if finished(run.directory, key):
         print(f"reusing {run.directory}")
-        return
+        return None
     last = run.directory / "checkpoints" / "last.ckpt"
     interrupted = claim(run.directory, key, rerun_changed)
     resume = ["--ckpt_path", str(last)] if interrupted and last.is_file() else []
-    print(f"running {label} -> {run.directory}", flush=True)
-    result = subprocess.run([*command, *resume], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{label} failed:\n{result.stderr[-4000:]}")
-    mark_done(run.directory, key)
-
-
-def _measurements(run: Run) -> list[Measurement]:
-    """The test metrics of every client at the run's best round (chosen on the training sites' validation mean:
-    never on an unseen site), with the role each client had."""
-    summary = json.loads((run.directory / "summary.json").read_text())
-    roles: list[tuple[Role, dict[str, Any]]] = [
-        ("in-federation", summary["clients"]),
-        ("unseen", summary.get("held_out", {})),
-    ]
-    return [
-        Measurement(run.strategy, run.seed, run.fold, client, role, name, float(value))
-        for role, clients in roles
-        for client, splits in clients.items()
-        for name, value in splits.get("test", {}).items()
-    ]
-
-
-def _primary_metric(measurements: Sequence[Measurement]) -> str:
-    names = dict.fromkeys(m.metric for m in measurements)
-    if not names:
-        raise RuntimeError("The runs wrote no test metrics: check that the data has test splits.")
-    return "accuracy" if "accuracy" in names else next(iter(names))
-
-
-def _write_csv(measurements: Sequence[Measurement], path: Path) -> None:
-    text = io.StringIO(newline="")
-    writer = csv.writer(text)
-    writer.writerow([field.name for field in fields(Measurement)])
-    writer.writerows(astuple(m) for m in measurements)
-    atomic_write_text(path, text.getvalue())
+    print(f"{'resuming' if resume else 'running'} {label} -> {run.directory}", flush=True)
+    environment = compare_wandb.run_environment(group, run) if group is not None else {}
+    return FitJob(label, (*command, *resume), run.directory, key, environment)
 
 
 def _command_line(
@@ -266,65 +289,5 @@ def _command_line(
         parts.append(f"--held_out {held_out}")
     if baseline != "fedavg":
         parts.append(f"--baseline {baseline}")
-    if overrides:
-        parts.append(f"--overrides '{overrides}'")
-    return " ".join(parts)
-
-
-def _markdown(
-    measurements: Sequence[Measurement], names: list[str], metric: str, baseline: str, seeds: str, command: str
-) -> str:
-    by_role: dict[Role, SiteValues] = {role: site_values(measurements, role, metric) for role in ROLES}
-    lines = [
-        f"Test {metric} at each run's best round (chosen on the training sites' validation mean, never on an unseen "
-        f"site); mean ± 95 % CI (Student t) over seeds {seeds}. A column's best is bold only when its paired "
-        "difference over seeds to every other strategy excludes zero; the row `best` names it or the tie.",
-        "",
-        f"Command: `{command}`",
-        "",
-    ]
-    captions = {
-        "in-federation": "In-federation sites (each site's test split; under leave-one-site-out, the mean over the "
-        "folds in which it trained):",
-        "unseen": "Unseen sites (held out of training; evaluated with the global model and the shared state):",
-    }
-    for role, values in by_role.items():
-        if values:
-            lines += ["", *markdown_table(values, names, captions[role]), ""]
-    paired = paired_table(by_role, names, baseline)
-    if baseline not in names:
-        lines += ["", f"No paired differences: the baseline {baseline!r} is not among the strategies (`--baseline`)."]
-    elif paired:
-        lines += [
-            "",
-            f"Paired difference to {baseline} over (seed × site) pairs: mean ± 95 % CI, Wilcoxon signed-rank "
-            "two-sided p-value (* p < 0.05), number of pairs. Sites within a seed are not independent: read p as "
-            "a screen, not a proof.",
-            "",
-            *paired,
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def _plot(runs: Sequence[Run], metric: str, path: Path) -> None:
-    """Per strategy, the mean validation ``metric`` of the training sites over rounds and, under
-    leave-one-site-out, the held-out site's test ``metric``; each averaged over seeds and folds."""
-    panels: dict[str, dict[str, dict[int, list[float]]]] = {f"in-federation: mean val {metric}": {}}
-    for run in runs:
-        for row in reporting.read_metrics_csv(run.directory / "metrics.csv"):
-            if metric not in row:
-                continue
-            if row["client"] == reporting.MEAN and row["split"] == "val":
-                panel = f"in-federation: mean val {metric}"
-            elif run.fold and row["client"] == run.fold and row["split"] == "test":
-                panel = f"unseen site: test {metric}"
-            else:
-                continue
-            panels.setdefault(panel, {}).setdefault(run.strategy, {}).setdefault(row["round"], []).append(row[metric])
-    series = {
-        title: {
-            name: [(r, statistics.fmean(v)) for r, v in sorted(by_round.items())] for name, by_round in lines.items()
-        }
-        for title, lines in panels.items()
-    }
-    reporting.plot_panels(series, path, emphasized="harmofl")
+    fit_arguments = shlex.split(overrides)
+    return " ".join([*parts, *([shlex.join(fit_arguments)] if fit_arguments else [])])

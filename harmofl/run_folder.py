@@ -86,6 +86,23 @@ class RunFolderInUse(RuntimeError):
     """Another live process holds the run folder's lock."""
 
 
+#: The lock descriptors this process holds: a forked child closes its copies (:func:`_close_locks_in_child`).
+_HELD_DESCRIPTORS: set[int] = set()
+
+
+def _close_locks_in_child() -> None:
+    # A forked child (a DataLoader worker) shares the lock's open file description, which keeps the lock held until
+    # every copy is closed: a killed run's orphaned workers would hold its folder for seconds. Closing the child's
+    # copies (never unlocking: that would release the parent's lock) frees the folder the moment the run dies.
+    for descriptor in _HELD_DESCRIPTORS:
+        with contextlib.suppress(OSError):
+            os.close(descriptor)
+    _HELD_DESCRIPTORS.clear()
+
+
+os.register_at_fork(after_in_child=_close_locks_in_child)
+
+
 class RunFolderLock:
     """The exclusive right to write a run folder, held from :meth:`acquire` (or ``with``) to :meth:`release`.
 
@@ -124,10 +141,12 @@ class RunFolderLock:
         os.ftruncate(descriptor, 0)
         os.write(descriptor, (json.dumps(_holder_record()) + "\n").encode())
         self._descriptor = descriptor
+        _HELD_DESCRIPTORS.add(descriptor)
 
     def release(self) -> None:
         """Give the folder back (closing the file releases the lock); nothing happens if it is not held."""
         if self._descriptor is not None:
+            _HELD_DESCRIPTORS.discard(self._descriptor)
             os.close(self._descriptor)
             self._descriptor = None
 

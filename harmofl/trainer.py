@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
@@ -20,10 +20,16 @@ from torch import Tensor
 
 from harmofl import aggregation, reporting
 from harmofl.aggregators import Aggregator, Mean
-from harmofl.checkpoint import copy_checkpoint, save_checkpoint
+from harmofl.checkpoint import copy_checkpoint
 from harmofl.clients.base import FederatedClient
 from harmofl.data.base import FederatedDataModule, Split
-from harmofl.federation.checkpointing import build_checkpoint, resolve_checkpoint, restore_checkpoint
+from harmofl.data.checks import DataError
+from harmofl.federation.checkpointing import (
+    build_checkpoint,
+    resolve_checkpoint,
+    restore_checkpoint,
+    write_checkpoint,
+)
 from harmofl.federation.collectives import all_gather_objects
 from harmofl.federation.executor import Executor, InProcessExecutor, Results
 from harmofl.federation.facade import TrainerFacade
@@ -33,6 +39,7 @@ from harmofl.federation.runner import LocalRunner
 from harmofl.federation.settings import check_run_settings, check_strategy, make_fabric
 from harmofl.federation.store import ClientStore, to_host
 from harmofl.federation.topology import Federation
+from harmofl.prediction import PredictionSettings, run_prediction
 from harmofl.run_folder import RunFolderLock
 from harmofl.server_optimizers import Contribution, FedAvg, ServerOptimizer
 from harmofl.validation import NormPolicy, UpdateGuard
@@ -93,7 +100,9 @@ class FederatedTrainer(TrainerFacade):
         update_distance_policy: ``clip`` scales an update beyond the bound back onto it; ``reject`` refuses it
             (a client failure).
         accelerator: ``cpu``, ``gpu``/``cuda`` or ``auto``.
-        devices: processes, one per device; clients are spread over them. Must not exceed the clients.
+        num_nodes: machines (nodes) the run spans, each started by its own launch (torchrun, SLURM's ``srun``).
+        devices: processes per node, one per device. Clients are spread over all ``num_nodes × devices`` processes,
+            which must not exceed the clients.
         precision: ``32-true`` or ``bf16-mixed``. ``16-mixed`` is refused: the hand-written two-pass step
             bypasses the gradient scaler.
         callbacks: Lightning callbacks, e.g. :class:`callbacks.AmplitudeHarmonization`.
@@ -101,6 +110,9 @@ class FederatedTrainer(TrainerFacade):
         default_root_dir: where checkpoints and results go (the CLI makes it ``runs/<config name>``).
         enable_progress_bar: show a rich progress bar (round, client, step); without it, one log line per round.
         seed: seeds data order and randomness per round and client (linked to ``seed_everything`` in the CLI).
+        evaluate_every_n_rounds: every client evaluates the global model after every n-th round and after the last
+            (1: every round). Other rounds have training rows only in ``metrics.csv``; the best round (``best.ckpt``)
+            is the best evaluated one; ``last.ckpt`` is written every round.
     """
 
     def __init__(
@@ -121,6 +133,7 @@ class FederatedTrainer(TrainerFacade):
         max_update_distance: float | None = None,
         update_distance_policy: NormPolicy = "clip",
         accelerator: str = "auto",
+        num_nodes: int = 1,
         devices: int = 1,
         precision: Literal["32-true", "bf16-mixed"] = "32-true",
         callbacks: list[Callback] | Callback | None = None,
@@ -128,9 +141,10 @@ class FederatedTrainer(TrainerFacade):
         default_root_dir: str | None = None,
         enable_progress_bar: bool = True,
         seed: int = 0,
+        evaluate_every_n_rounds: int = 1,
     ) -> None:
         aggregator, server_optimizer = aggregator or Mean(), server_optimizer or FedAvg()
-        check_run_settings(rounds, local_epochs, local_steps, devices, precision)
+        check_run_settings(rounds, local_epochs, local_steps, num_nodes, devices, precision)
         check_strategy(client_weighting, clients_per_round, pool_clients, local_modules, aggregator, server_optimizer)
         self.failure_policy = FailurePolicy(client_failure, client_retries, min_clients)
         self.guard = UpdateGuard(max_update_distance, update_distance_policy)
@@ -141,9 +155,15 @@ class FederatedTrainer(TrainerFacade):
         self.local_module_types = aggregation.resolve_module_types(local_modules or [])
         self.pool_clients, self.seed = pool_clients, seed
         self.enable_progress_bar = enable_progress_bar
+        if evaluate_every_n_rounds < 1:
+            raise ValueError(
+                f"trainer.evaluate_every_n_rounds must be >= 1 (1: every round), got {evaluate_every_n_rounds}."
+            )
+        self.evaluate_every_n_rounds = evaluate_every_n_rounds
         self.root_dir = Path(default_root_dir or "runs/harmofl")
-        self.fabric = make_fabric(accelerator, devices, precision, callbacks, logger, enable_progress_bar)
-        # With devices > 1 this starts the other processes, which re-run the same command up to this point.
+        self.fabric = make_fabric(accelerator, num_nodes, devices, precision, callbacks, logger, enable_progress_bar)
+        # With devices > 1 this starts this node's other processes, which re-run the same command up to this point
+        # (under torchrun or srun every process is already started).
         self.fabric.launch()
         self.current_round = 0
         self.runner: LocalRunner | None = None
@@ -206,6 +226,31 @@ class FederatedTrainer(TrainerFacade):
         """
         return self._evaluate_checkpoint(model, datamodule, ckpt_path, "test")
 
+    def predict(  # type: ignore[override]
+        self,
+        model: FederatedClient,
+        datamodule: FederatedDataModule,
+        ckpt_path: str | None = "best",
+        predict: PredictionSettings | None = None,
+    ) -> dict[str, Any]:
+        """Apply a checkpoint to unlabelled images or volumes: class probabilities (``predictions.csv``) or masks.
+
+        Args:
+            ckpt_path: a checkpoint file, or ``best`` / ``last`` in ``<default_root_dir>/checkpoints``; null (as a
+                fit's saved ``config.yaml`` has it): ``best``.
+            predict: the inputs (``--predict.input``), the output folder, the site and how images are batched and
+                sized (:class:`~harmofl.prediction.PredictionSettings`).
+        """
+        if predict is None:
+            raise ValueError("cli.py predict needs the inputs: --predict.input FILE_OR_FOLDER.")
+        self.setup(model, datamodule, "predict", InProcessExecutor())
+        path = resolve_checkpoint(ckpt_path or "best", self.checkpoint_dir)
+        restore_checkpoint(self, path, with_optimizers=False)
+        result = run_prediction(self, datamodule, path, predict)
+        self._call("teardown", stage="predict")
+        self._finish()
+        return result
+
     # -- the round ---------------------------------------------------------------------------------------
 
     def run_round(self, round_idx: int) -> None:
@@ -237,10 +282,15 @@ class FederatedTrainer(TrainerFacade):
         center = self.aggregator.center(self.fabric, shared, trainees, total_weight)
         self.global_state.update(self.server_optimizer.step(shared, center, ordered))
         self._call("on_aggregate", round_idx=round_idx)
-        results = self.evaluate_clients(("val", "test"))
+        results = self.evaluate_clients(("val", "test")) if self.evaluates_round(round_idx) else {}
         for client, splits in self._merged(train_results).items():
             results[client] = {**splits, **results.get(client, {})}
         self._end_round(round_idx, self.federation.ordered(results))
+
+    def evaluates_round(self, round_idx: int) -> bool:
+        """Whether every client evaluates the global model after round ``round_idx`` (0-based): every
+        ``evaluate_every_n_rounds``-th round, and the last."""
+        return (round_idx + 1) % self.evaluate_every_n_rounds == 0 or round_idx + 1 == self.rounds
 
     def evaluate_clients(self, splits: tuple[Split, ...]) -> Results:
         """Every client's metrics on ``splits`` with the global model (plus its local keys), from all processes."""
@@ -250,12 +300,10 @@ class FederatedTrainer(TrainerFacade):
         round_number = round_idx + 1
         best_before = self.record.best_round
         rows = self.record.add_round(round_number, results, self.aggregator.round_metrics())
-        checkpoint = build_checkpoint(self, round_number)  # collective: every process takes part
+        checkpoint = build_checkpoint(self, round_number)  # collective: each process writes its changed records
         if self.is_global_zero:
             self._call("on_save_checkpoint", checkpoint=checkpoint)
-            save_checkpoint(checkpoint, self.checkpoint_dir / "last.ckpt")
-            if self.record.best_round != best_before:
-                copy_checkpoint(self.checkpoint_dir / "last.ckpt", self.checkpoint_dir / "best.ckpt")
+            write_checkpoint(checkpoint, self.checkpoint_dir, best=self.record.best_round != best_before)
             self.record.write_outputs()
             self.fabric.log_dict(reporting.logged_metrics(rows), step=round_number)
         if not self.enable_progress_bar:  # the progress bar prints this line itself
@@ -290,13 +338,29 @@ class FederatedTrainer(TrainerFacade):
         self.setup_model(model, stage)
         executor.start(self)
 
-    def setup_data(self, datamodule: FederatedDataModule, stage: str) -> None:
-        """Prepare the data (once per machine) and set it up on every process."""
+    def setup_data(self, datamodule: FederatedDataModule, stage: str, clients: Sequence[str] | None = None) -> None:
+        """Prepare the data (once per machine), set it up on every process (every client's metadata and counts), then
+        load ``clients``' samples (:meth:`load_clients`; None: every client's)."""
         if self.fabric.local_rank == 0:
             datamodule.prepare_data()
         self.fabric.barrier()
         datamodule.setup(stage)
         self.datamodule = datamodule
+        self.load_clients(datamodule.client_names if clients is None else clients)
+
+    def load_clients(self, clients: Sequence[str]) -> None:
+        """Load (read, decode, check) ``clients``' samples on this process, each process passing the clients it
+        uses; a bad sample on any process stops every process with its error, as a check in setup would."""
+        try:
+            self.datamodule.load(clients)
+            error = None
+        except DataError as raised:
+            error = raised
+        problems = [problem for problem in all_gather_objects(self.fabric, error and str(error)) if problem]
+        if error is not None:
+            raise error
+        if problems:
+            raise DataError(problems[0])
 
     def setup_model(self, model: FederatedClient, stage: str) -> None:
         """The one model of this process, its optimizer, the initial global state (rank 0's weights), the client
@@ -368,6 +432,9 @@ class FederatedTrainer(TrainerFacade):
         self.fabric.call(hook, trainer=self, pl_module=self.module, **kwargs)
 
     def _finish(self) -> None:
+        if isinstance(getattr(self, "datamodule", None), FederatedDataModule):  # absent on a Flower server
+            # Stop the loader's persistent workers with the run: they would otherwise live as long as the datamodule.
+            self.datamodule.teardown("fit")
         self.fabric.barrier()
         for logger in self.loggers:
             logger.finalize("success")

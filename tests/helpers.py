@@ -10,6 +10,7 @@ import torch
 
 from harmofl.clients import ClassificationClient, SegmentationClient
 from harmofl.data import DemoHistology, DemoNuclei
+from harmofl.federation.topology import Federation
 
 REPO = Path(__file__).resolve().parents[1]
 # The demo at a Flower test's size: 2 sites, 32x32 patches, 2 rounds (run-config overrides, `key=value`).
@@ -93,3 +94,18 @@ def fit_tiny_demo(root: Path, devices: int, rounds: int = 2) -> None:
         *CLI_TINY,
         env={"OMP_NUM_THREADS": "1"},
     )
+
+
+def federation_of(train_samples: dict[str, int], **settings) -> Federation:
+    """``Federation.build`` of ``train_samples`` with one process, every client training each round, uniform weights,
+    seed 0; ``settings`` override any of them."""
+    defaults = dict(
+        held_out=[],
+        pool_clients=False,
+        clients_per_round=None,
+        client_weighting="uniform",
+        seed=0,
+        world_size=1,
+        min_clients=1,
+    )
+    return Federation.build(train_samples, **{**defaults, **settings})

@@ -152,8 +152,12 @@ def test_missing_and_corrupt_patches_are_named_or_skipped(tmp_path):
     assert skipping.num_samples("hospital_0", "train") == 10 - 2
 
     missing.write_bytes(good)
+    # Under on_bad_sample=error a client's images are decoded (checked) when a process loads it, not in setup.
+    checked = Camelyon17(str(root))
+    checked.setup()
+    checked.load(["hospital_1", "hospital_3"])
     with pytest.raises(DataError, match=re.escape(f"{corrupt}: corrupt image")):
-        Camelyon17(str(root)).setup()
+        checked.load(["hospital_0"])
     # Without the integrity check only existence is checked: the corrupt patch fails, named, when it is read.
     unverified = Camelyon17(str(root), verify_images=False)
     unverified.setup()

@@ -71,7 +71,7 @@ def test_segmentation_demo_runs_through_the_cli(tmp_path):
         *CLI_TINY,
     )
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary["mean"]["test"]) == {"dice"}
+    assert set(summary["mean"]["test"]) == {"dice", "iou", "hd95"}
 
 
 @pytest.mark.parametrize(

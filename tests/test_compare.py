@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from harmofl import compare, run_key
+from harmofl import compare, compare_jobs, run_key
 from harmofl.run_folder import RunFolderInUse, RunFolderLock
 
 from helpers import REPO, run_cli
@@ -21,13 +21,13 @@ TINY = (
 def spy(monkeypatch):
     """Records the fit commands the comparison starts (and still runs them)."""
     calls = []
-    real_run = subprocess.run
+    real_popen = subprocess.Popen
 
-    def run(command, **kwargs):
-        calls.append(command)
-        return real_run(command, **kwargs)
+    def popen(command, **kwargs):
+        calls.append(list(command))
+        return real_popen(command, **kwargs)
 
-    monkeypatch.setattr(compare.subprocess, "run", run)
+    monkeypatch.setattr(compare_jobs.subprocess, "Popen", popen)
     monkeypatch.setenv("WANDB_MODE", "offline")
     return calls
 

@@ -63,8 +63,9 @@ def test_a_loader_names_an_image_above_the_limit(tmp_path, monkeypatch) -> None:
     data = _sites(tmp_path, [("images/a.png", "0"), ("images/b.png", "1"), ("images/c.png", "0")])
     _png(tmp_path / "site_a" / "images" / "b.png", side=128)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # the others are 30 x 40
+    data.setup()  # a site's images are decoded (checked) when a process loads it
     with pytest.raises(DataError, match=r"'site_a'.*b\.png: image too large to decode safely"):
-        data.setup()
+        data.load(["site_a"])
 
 
 @pytest.mark.parametrize("suffix", [".jpg", ".tif"])
@@ -87,8 +88,9 @@ def test_a_loader_refuses_a_truncated_jpeg_before_training(tmp_path) -> None:
     data = _sites(tmp_path, [("images/a.png", "0"), ("images/b.jpg", "1"), ("images/c.png", "0")])
     jpeg = tmp_path / "site_a" / "images" / "b.jpg"
     jpeg.write_bytes(jpeg.read_bytes()[:-200])
+    data.setup()
     with pytest.raises(DataError, match=re.escape(f"{jpeg}: corrupt image") + ".*truncated"):
-        data.setup()
+        data.load(["site_a"])
 
 
 # --- labels.csv: class indices and paths ----------------------------------------------------------------------

@@ -12,13 +12,12 @@ from opacus.accountants import RDPAccountant
 from harmofl import differential_privacy as dp
 from harmofl.checkpoint import load_checkpoint
 from harmofl.cli import build
-from harmofl.federation.topology import Federation
 from harmofl.private_aggregation import DPFedAvg
 from harmofl.reporting import read_metrics_csv
 from harmofl.server_optimizers import FedNova
 from harmofl.trainer import FederatedTrainer
 
-from helpers import CLI_TINY, FLOWER_TINY, run_cli, tiny_classifier, tiny_histology
+from helpers import CLI_TINY, FLOWER_TINY, federation_of, run_cli, tiny_classifier, tiny_histology
 
 FABRIC = Fabric(accelerator="cpu", devices=1)
 DP_OVERLAY = "configs/strategies/dp_fedavg.yaml"
@@ -28,15 +27,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:DPFedAvg noise_seed")
 
 
 def _federation(clients=4, clients_per_round=None, client_weighting="uniform"):
-    return Federation.build(
+    return federation_of(
         {f"site_{i}": 10 + i for i in range(clients)},
-        held_out=[],
-        pool_clients=False,
         clients_per_round=clients_per_round,
         client_weighting=client_weighting,
-        seed=0,
-        world_size=1,
-        min_clients=1,
     )
 
 
@@ -266,13 +260,4 @@ def test_flower_runs_dp_fedavg_on_the_server_as_in_process(tmp_path):
 def test_a_site_named_like_a_summary_row_is_refused(name):
     # metrics.csv's rows of the server's privacy values and of the mean over clients use these client names.
     with pytest.raises(ValueError, match=f"Client names \\['{name}'\\] are reserved"):
-        Federation.build(
-            {"site_0": 10, name: 10},
-            held_out=[],
-            pool_clients=False,
-            clients_per_round=None,
-            client_weighting="uniform",
-            seed=0,
-            world_size=1,
-            min_clients=1,
-        )
+        federation_of({"site_0": 10, name: 10})

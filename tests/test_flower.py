@@ -37,9 +37,10 @@ class LocalGrid(Grid):
             node: Context(run_id=1, node_id=node, node_config=config, state=RecordDict(), run_config=run_config)
             for node, config in enumerate(node_configs, start=1)
         }
-        self.fail = fail or {}  # (message type, group id, node) -> the error its reply carries
+        self.fail = {} if fail is None else fail  # (message type, group id, node) -> the error its reply carries
         self.tamper = tamper  # rewrites a site's reply in place, as a hostile site would (tests/test_flower_replies.py)
         self.traffic: list[tuple[Message, Message]] = []
+        self.replies: dict[str, Message] = {}  # by the id of the message they answer, until pulled
 
     def set_run(self, run):
         pass
@@ -55,33 +56,41 @@ class LocalGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages):
-        raise NotImplementedError
+        """Each message's id (given as Flower's grid gives it); its node answers it now, the reply waits for a pull."""
+        message_ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id  # as Flower's grid does when it pushes
+            message_ids.append(message.metadata.message_id)
+            reply = self.deliver(message)
+            if reply is not None:
+                self.traffic.append((message, reply))
+                self.replies[message.metadata.message_id] = reply
+        return message_ids
 
     def pull_messages(self, message_ids):
-        raise NotImplementedError
+        return [self.replies.pop(message_id) for message_id in list(message_ids) if message_id in self.replies]
 
     def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            TaskIdentity.node_id = node  # the reply comes from the node
-            try:
-                failure = self.fail.get((message.metadata.message_type, message.metadata.group_id, node))
-                if failure == NO_REPLY:
-                    continue
-                if failure:
-                    reply = Message(Error(code=0, reason=failure), reply_to=message)
-                else:
-                    reply = app.client_app(message, self.contexts[node])
-                    if self.tamper:
-                        self.tamper(reply)
-            except Exception as error:  # as flwr-clientapp does: the exception becomes the reply's error
-                reply = Message(Error(code=0, reason=f"{type(error)}:<'{error}'>"), reply_to=message)
-            finally:
-                TaskIdentity.node_id = SERVER_NODE
-            self.traffic.append((message, reply))
-            replies.append(reply)
-        return replies
+        return self.pull_messages(self.push_messages(messages))
+
+    def deliver(self, message: Message) -> Message | None:
+        """The reply of the message's node (None: the reply is lost)."""
+        node = message.metadata.dst_node_id
+        TaskIdentity.node_id = node  # the reply comes from the node
+        try:
+            failure = self.fail.get((message.metadata.message_type, message.metadata.group_id, node))
+            if failure == NO_REPLY:
+                return None
+            if failure:
+                return Message(Error(code=0, reason=failure), reply_to=message)
+            reply = app.client_app(message, self.contexts[node])
+            if self.tamper:
+                self.tamper(reply)
+            return reply
+        except Exception as error:  # as flwr-clientapp does: the exception becomes the reply's error
+            return Message(Error(code=0, reason=f"{type(error)}:<'{error}'>"), reply_to=message)
+        finally:
+            TaskIdentity.node_id = SERVER_NODE
 
 
 def run_flower(
@@ -103,6 +112,11 @@ def run_flower(
         grid, Context(run_id=1, node_id=SERVER_NODE, node_config={}, state=RecordDict(), run_config=run_config)
     )
     return grid
+
+
+def sent_to(grid: LocalGrid, node: int) -> list[tuple[str, str]]:
+    """The type and group of every message node ``node`` answered, in order."""
+    return [(m.metadata.message_type, m.metadata.group_id) for m, _ in grid.traffic if m.metadata.dst_node_id == node]
 
 
 def run_in_process(tmp_path: Path, overrides: str = FLOWER_TINY) -> Path:
@@ -153,6 +167,11 @@ def test_held_out_site_sampling_and_server_momentum_as_in_process(tmp_path):
         if message.metadata.message_type == "train"
     }
     assert len(trained) == 2 and all(node != 3 for _, node in trained)
+    # Round 1's evaluation: the sites that do not train in round 2 (the held-out one too) evaluate alone, in the
+    # same exchange as round 2's training, which carries the participant's evaluation.
+    [(_, second)] = [(group, node) for group, node in trained if group == "round-2"]
+    evaluate_one = {m.metadata.dst_node_id for m, _ in grid.traffic if m.metadata.group_id == "evaluate-1"}
+    assert evaluate_one == {1, 2, 3} - {second}
     flower = load_checkpoint(tmp_path / "flower" / "checkpoints" / "last.ckpt")
     simulated = load_checkpoint(run_in_process(tmp_path, overrides) / "checkpoints" / "last.ckpt")
     for key, value in simulated["global_state"].items():
@@ -173,8 +192,15 @@ def test_only_shared_weights_and_the_round_one_target_cross_the_network(tmp_path
     shared_keys = set(cli.model.state_dict()) - norm_keys
     assert norm_keys and shared_keys
     image_size = 32
-    kinds = [message.metadata.message_type for message, _ in grid.traffic]
-    assert kinds == ["query"] * 2 + (["train"] * 2 + ["evaluate"] * 2) * 2
+    # One exchange per round: round 2's training carries round 1's evaluation; round 2's evaluation comes alone.
+    exchanges = [(message.metadata.message_type, message.metadata.group_id) for message, _ in grid.traffic]
+    assert (
+        exchanges
+        == [("query", "setup")] * 2
+        + [("train", "round-1")] * 2
+        + [("train", "round-2")] * 2
+        + [("evaluate", "evaluate-2")] * 2
+    )
     for message, reply in grid.traffic:
         kind, group = message.metadata.message_type, message.metadata.group_id
         for content in (message.content, reply.content):
@@ -187,6 +213,10 @@ def test_only_shared_weights_and_the_round_one_target_cross_the_network(tmp_path
             assert set(reply.content.config_records[wire.SITE]) == {wire.SITE, wire.TRAIN_SAMPLES}
         if kind == "train":
             assert set(reply.content.metric_records[wire.METRICS]) == {"loss", "num-steps"}
+            combined = group == "round-2"  # with round 1's evaluation, on the splits the message names
+            assert message.content.config_records[wire.CONFIG].get("splits") == ("val,test" if combined else None)
+            evaluation = reply.content.metric_records.get(wire.EVALUATION)
+            assert {key.split("/")[0] for key in evaluation or {}} == ({"val", "test"} if combined else set())
             if group == "round-1":  # the site's amplitude target, round 1 only: the DC window [C, 1, 1]
                 states = wire.read_blob(reply.content, wire.CLIENT_STATE)
                 assert list(states) == ["AmplitudeHarmonization"]
@@ -239,15 +269,22 @@ def test_a_failing_site_is_skipped_or_stops_the_run(tmp_path):
 
 
 def test_a_site_that_does_not_answer_in_time_has_failed(tmp_path, caplog):
-    run_flower(
+    grid = run_flower(
         tmp_path,
         FLOWER_TINY + " trainer.client_failure=skip",
         fail={("train", "round-1", 1): NO_REPLY},
-        **{"reply-timeout": 30},
+        **{"reply-timeout": 1, "combined-exchange": False},  # two exchanges per round, as asked
     )
+    assert sent_to(grid, 2) == [
+        ("query", "setup"),
+        ("train", "round-1"),
+        ("evaluate", "evaluate-1"),
+        ("train", "round-2"),
+        ("evaluate", "evaluate-2"),
+    ]
     checkpoint = load_checkpoint(tmp_path / "flower" / "checkpoints" / "last.ckpt")
     assert checkpoint["failures"] == [
-        {"round": 1, "client": "site_0", "error": "no reply from site 'site_0' within 30.0 s"}
+        {"round": 1, "client": "site_0", "error": "no reply from site 'site_0' within 1.0 s"}
     ]
     assert "Round 2/2: mean val accuracy" in caplog.text and "1 site failures so far" in caplog.text
 
@@ -264,11 +301,37 @@ def test_a_retried_site_gives_the_fault_free_run(tmp_path):
 
     flaky = FlakyOnce()
     flaky.get_called = False
-    run_flower(tmp_path / "flaky", FLOWER_TINY + " trainer.client_retries=1", fail=flaky)
+    grid = run_flower(tmp_path / "flaky", FLOWER_TINY + " trainer.client_retries=1", fail=flaky)
+    # Round 2's training came with round 1's evaluation, and the whole message failed: the site is asked to evaluate
+    # alone (in the same round), then its training is retried with a plain train message.
+    assert sent_to(grid, 2)[2:] == [
+        ("train", "round-2"),
+        ("evaluate", "evaluate-1"),
+        ("train", "round-2"),
+        ("evaluate", "evaluate-2"),
+    ]
+
+    def fail_training_once(reply):
+        # site_1's round-2 training fails at the site after its evaluation of round 1: the site's reply keeps it
+        if reply.metadata.group_id == "round-2" and reply.metadata.src_node_id == 2 and not failed:
+            failed.append(reply)
+            evaluation = wire.read_evaluation(reply.content, wire.EVALUATION)
+            for name in list(reply.content):
+                del reply.content[name]
+            reply.content.update(wire.failed_training_reply(evaluation, "OSError (correlation id 0badc0de; ...)"))
+
+    failed: list[Message] = []
+    grid = run_flower(tmp_path / "failed", FLOWER_TINY + " trainer.client_retries=1", tamper=fail_training_once)
+    assert sent_to(grid, 2)[2:] == [("train", "round-2"), ("train", "round-2"), ("evaluate", "evaluate-2")]
+    retry = [m for m, _ in grid.traffic if m.metadata.dst_node_id == 2][3]
+    assert "splits" not in retry.content.config_records[wire.CONFIG]  # a plain train message
+
     clean = load_checkpoint(tmp_path / "clean" / "flower" / "checkpoints" / "last.ckpt")
-    retried = load_checkpoint(tmp_path / "flaky" / "flower" / "checkpoints" / "last.ckpt")
-    for key, value in clean["global_state"].items():
-        torch.testing.assert_close(retried["global_state"][key], value, rtol=0, atol=0)
+    for folder in ("flaky", "failed"):
+        retried = load_checkpoint(tmp_path / folder / "flower" / "checkpoints" / "last.ckpt")
+        for key, value in clean["global_state"].items():
+            torch.testing.assert_close(retried["global_state"][key], value, rtol=0, atol=0)
+        assert retried["history"] == clean["history"] and retried["failures"] == []
 
 
 def test_local_dp_clips_each_site_update(tmp_path):

@@ -17,6 +17,7 @@ flwr = pytest.importorskip("flwr", reason="Flower is an optional extra: pip inst
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from test_flower import run_flower
 
+from harmofl.clients.segmentation import SegmentationClient
 from harmofl.federation.runner import batches_per_epoch, local_step_count
 from harmofl.flower import wire
 from harmofl.flower.replies import (
@@ -144,6 +145,21 @@ def test_an_evaluation_holds_exactly_the_models_metrics_in_range():
     for reason, reply in refused.items():
         with pytest.raises(RefusedReply, match=reason):
             read_evaluation_reply(reply, EXPECTED_METRICS)
+
+
+def test_a_distance_metric_the_model_declares_unbounded_may_exceed_one_but_not_go_negative():
+    expected = {"val": ["dice", "hd95"], "test": ["dice", "hd95"]}
+
+    def reply(hd95: float) -> RecordDict:
+        return wire.evaluate_reply({split: {"dice": 0.8, "hd95": hd95} for split in ("val", "test")})
+
+    unbounded = SegmentationClient.unbounded_metrics
+    assert read_evaluation_reply(reply(7.5), expected, unbounded=unbounded)["val"]["hd95"] == 7.5
+    with pytest.raises(RefusedReply, match="its val/hd95 is 7.5, not a finite number in"):
+        read_evaluation_reply(reply(7.5), expected)  # not declared: a fraction
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(RefusedReply, match="not a finite number >= 0"):
+            read_evaluation_reply(reply(bad), expected, unbounded=unbounded)
 
 
 def description(site, samples) -> RecordDict:
@@ -279,11 +295,20 @@ def test_a_site_that_claims_huge_data_or_an_unknown_name_is_refused_at_connect(t
         run_flower(tmp_path, **{"site-names": "site_0,site_1,site_2", "connect-timeout": 0})
 
 
-@pytest.mark.parametrize(("metric", "value"), [("accuracy", math.nan), ("round", 0.5)])
-def test_an_evaluation_out_of_range_stops_the_run_naming_the_site(tmp_path, metric, value):
-    def change(content):
-        content[wire.METRICS] = MetricRecord({**content[wire.METRICS], f"val/{metric}": value})
+@pytest.mark.parametrize(
+    ("metric", "value", "combined"), [("accuracy", math.nan, False), ("round", 0.5, True)], ids=["alone", "combined"]
+)
+def test_an_evaluation_out_of_range_stops_the_run_naming_the_site(tmp_path, metric, value, combined):
+    # Alone: the last round's evaluate reply; combined: round 1's evaluation in the reply to round 2's training.
+    record = wire.EVALUATION if combined else wire.METRICS
 
+    def change(content):
+        content[record] = MetricRecord({**content[record], f"val/{metric}": value})
+
+    if combined:
+        overrides, tamper = FLOWER_TINY, tampering("train", 1, change, "round-2")
+    else:
+        overrides, tamper = ONE_ROUND, tampering("evaluate", 1, change)
     with pytest.raises(RuntimeError, match=f"Site 'site_0' failed to evaluate round 1: the server refuses .*{metric}"):
-        run_flower(tmp_path, ONE_ROUND, tamper=tampering("evaluate", 1, change))
+        run_flower(tmp_path, overrides, tamper=tamper)
     assert not (tmp_path / "flower" / "checkpoints" / "best.ckpt").exists()

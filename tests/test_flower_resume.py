@@ -143,18 +143,18 @@ class ServerStopped(Exception):
 
 
 class StoppedGrid(LocalGrid):
-    """Delivers round ``stop_round``'s training messages (the sites train and save), then raises as the ServerApp
-    does when it is stopped: the server never checkpoints that round."""
+    """Delivers round ``stop_round``'s training messages (the sites train and save; with round ``stop_round - 1``'s
+    evaluation), then raises as the ServerApp does when it is stopped: the server never checkpoints either round."""
 
     def __init__(self, node_configs, run_config, stop_round: int) -> None:
         super().__init__(node_configs, run_config)
         self.stop_group = f"round-{stop_round}"
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = super().send_and_receive(messages, timeout=timeout)
+    def push_messages(self, messages):
+        message_ids = super().push_messages(messages)
         if any(message.metadata.group_id == self.stop_group for message in messages):
             raise ServerStopped(f"ServerApp stopped during {self.stop_group}")
-        return replies
+        return message_ids
 
 
 def serve(grid: LocalGrid, run_config: dict) -> None:
@@ -173,13 +173,14 @@ def test_a_stopped_server_and_restarted_sites_continue_the_federation_exactly(tm
     serve(LocalGrid(*setup("uninterrupted")), setup("uninterrupted")[1])
     nodes, run_config = setup("resumed")
     with pytest.raises(ServerStopped):
-        serve(StoppedGrid(nodes, run_config, stop_round=3), run_config)
+        serve(StoppedGrid(nodes, run_config, stop_round=4), run_config)
     last = tmp_path / "resumed" / "server" / "checkpoints" / "last.ckpt"
     federation_id = load_checkpoint(last)["executor"]["federation_id"]
     assert load_checkpoint(last)["round"] == 2
     state_dir = tmp_path / "resumed" / "site-state"
     site_states = [SiteStateStore(state_dir, federation_id, site) for site in ("site_0", "site_1")]
-    assert all(states.saved_rounds() == [2, 3] for states in site_states)  # round 3: a future the server never saw
+    # Round 2: the server's checkpoint; round 3: trained, evaluated but not checkpointed; round 4: a future.
+    assert all(states.saved_rounds() == [2, 3, 4] for states in site_states)
 
     # Restarted SuperNodes: new contexts (empty memory), the same state folders; the same run config, from last.
     serve(LocalGrid(nodes, {**run_config, "ckpt-path": "last"}), {**run_config, "ckpt-path": "last"})
@@ -194,7 +195,7 @@ def test_a_stopped_server_and_restarted_sites_continue_the_federation_exactly(tm
         assert (tmp_path / "resumed" / "server" / name).read_bytes() == (
             tmp_path / "uninterrupted" / "server" / name
         ).read_bytes(), name
-    assert all(states.saved_rounds() == [3, 4] for states in site_states)  # disk use stays constant
+    assert all(states.saved_rounds() == [2, 3, 4] for states in site_states)  # disk use stays constant
 
 
 def test_new_federation_ids_are_distinct_hex():

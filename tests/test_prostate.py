@@ -325,3 +325,13 @@ def test_one_round_through_the_cli(release, tmp_path) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["clients"]) == set(SITES)
     assert 0 <= summary["mean"]["test"]["dice"] <= 1
+
+
+def test_setup_counts_every_site_and_a_process_loads_only_the_sites_it_uses(release) -> None:
+    data = _data(release)
+    counts = {site: _count(data, site) for site in data.client_names}  # every site's counts, before any load
+    assert data.loaded_clients == []
+    data.load(["SiteB"])  # what the process holding SiteB only reads
+    assert data.loaded_clients == ["SiteB"]
+    assert sum(len(data.dataset("SiteB", split)) for split in SPLITS) == counts["SiteB"]  # type: ignore[arg-type]
+    assert data.origins("SiteA", "test") and data.loaded_clients == ["SiteB"]  # origins are metadata too

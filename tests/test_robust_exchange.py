@@ -10,10 +10,9 @@ from harmofl import validation
 from harmofl.aggregation import weighted_average
 from harmofl.aggregators import Mean, Median, TrimmedMean
 from harmofl.amplitude import amplitude_spectrum, crop_window, harmonize, window_indices, window_shape
-from harmofl.federation.topology import Federation
 from harmofl.trainer import FederatedTrainer
 
-from helpers import tiny_classifier, tiny_histology
+from helpers import federation_of, tiny_classifier, tiny_histology
 
 IMAGE_SHAPE = [3, 8, 8]
 
@@ -27,10 +26,7 @@ def _trainer(aggregator, clients, tmp_path, **federation) -> FederatedTrainer:
     trainer = FederatedTrainer(
         aggregator=aggregator, accelerator="cpu", enable_progress_bar=False, default_root_dir=str(tmp_path)
     )
-    settings = dict(held_out=[], pool_clients=False, clients_per_round=None, client_weighting="uniform")
-    trainer.federation = Federation.build(
-        dict.fromkeys(clients, 10), **{**settings, **federation}, seed=0, world_size=1, min_clients=1
-    )
+    trainer.federation = federation_of(dict.fromkeys(clients, 10), **federation)
     return trainer
 
 
@@ -255,16 +251,7 @@ def test_median_of_two_is_refused_before_any_client_trains():
     with pytest.raises(ValueError, match="Median of 2 client value"):
         Median().check_count(2)
     Median().check_count(3)
-    federation = Federation.build(
-        {"a": 1, "b": 1, "c": 1},
-        held_out=[],
-        pool_clients=False,
-        clients_per_round=2,
-        client_weighting="uniform",
-        seed=0,
-        world_size=1,
-        min_clients=1,
-    )
+    federation = federation_of({"a": 1, "b": 1, "c": 1}, clients_per_round=2)
     with pytest.raises(ValueError, match="Median of 2"):
         Median().start_round(0, federation)
 

@@ -1,6 +1,8 @@
 """Run folders: every output written atomically, and one writer per folder."""
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -71,29 +73,38 @@ def test_a_second_writer_of_a_folder_is_refused_with_the_holder_and_what_to_do(t
         assert lock.held
 
 
-# Loads run_folder.py alone (standard library only): the holder starts in a fraction of a second.
+# Loads run_folder.py alone (standard library only): the holder starts in a fraction of a second. It holds the
+# lock of folder argv[2], forks a child if asked (as a DataLoader worker is forked while a run holds its folder),
+# prints the child's pid (0: none) and sleeps.
 HOLDER = textwrap.dedent(
     """
-    import importlib.util, sys, time
+    import importlib.util, multiprocessing, sys, time
     spec = importlib.util.spec_from_file_location("run_folder", sys.argv[1])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.RunFolderLock(sys.argv[2]).acquire()
-    print("locked", flush=True)
+    worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,), daemon=True)
+    if sys.argv[3] == "fork":
+        worker.start()
+    print(worker.pid or 0, flush=True)
     time.sleep(60)
     """
 )
 
 
+def start_holder(folder: Path, fork: bool) -> tuple[subprocess.Popen, int]:
+    """A process holding ``folder``'s lock, and its forked child's pid (0 without ``fork``)."""
+    mode = "fork" if fork else "alone"
+    command = [sys.executable, "-c", HOLDER, str(REPO / "harmofl" / "run_folder.py"), str(folder), mode]
+    holder = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None
+    return holder, int(holder.stdout.readline())
+
+
 def test_a_live_holder_in_another_process_blocks_and_a_killed_one_does_not(tmp_path):
     folder = tmp_path / "run"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(REPO / "harmofl" / "run_folder.py"), str(folder)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder, _ = start_holder(folder, fork=False)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunFolderInUse, match=f"pid {holder.pid} on "):
             RunFolderLock(folder).acquire()
     finally:
@@ -101,6 +112,23 @@ def test_a_live_holder_in_another_process_blocks_and_a_killed_one_does_not(tmp_p
         holder.wait(timeout=10)
     with RunFolderLock(folder):
         pass
+
+
+def test_a_killed_holder_frees_its_folder_though_its_forked_workers_live_on(tmp_path):
+    folder = tmp_path / "run"
+    holder, worker = start_holder(folder, fork=True)
+    try:
+        with pytest.raises(RunFolderInUse):
+            RunFolderLock(folder).acquire()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+        os.kill(worker, 0)  # the orphaned worker is still alive...
+        with RunFolderLock(folder):  # ...and holds no copy of the lock
+            pass
+    finally:
+        holder.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
 
 
 def test_a_fit_into_a_held_folder_is_refused_before_it_writes_and_releases_the_lock_when_it_fails(trainer_kwargs):

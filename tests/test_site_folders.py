@@ -111,8 +111,10 @@ def test_bad_and_missing_images_are_named_or_skipped(tmp_path):
     assert module.skipped == {"site_a": 0, "site_b": 2}
     assert sum(module.num_samples("site_b", s) for s in ("train", "val", "test")) == 18
     write_image(missing, np.random.default_rng(0))
+    checked = SiteFolders(str(root))
+    checked.setup()  # under on_bad_sample=error, a site's images are decoded (checked) when it is loaded
     with pytest.raises(DataError, match=re.escape(f"{corrupt}: corrupt image")):
-        SiteFolders(str(root)).setup()
+        checked.load(["site_b"])
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """The Fabric orchestrator in one process: the round, aggregation, outputs, checkpoints, evaluation."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,11 +145,15 @@ def test_sample_weighting_and_local_steps(trainer_kwargs):
     assert trainer.federation.client_weight == {"site_0": 16.0, "site_1": 16.0}
 
 
-def test_segmentation_fit_reports_dice(trainer_kwargs):
+def test_segmentation_fit_reports_dice_iou_hd95(trainer_kwargs):
     summary = FederatedTrainer(rounds=1, callbacks=[AmplitudeHarmonization(preset="paper")], **trainer_kwargs).fit(
         tiny_segmenter(), tiny_nuclei()
     )
-    assert set(summary["mean"]["test"]) == {"dice"} and 0.0 <= summary["mean"]["test"]["dice"] <= 1.0
+    test = summary["mean"]["test"]
+    assert set(test) == {"dice", "iou", "hd95"} and 0.0 <= test["dice"] <= 1.0 and 0.0 <= test["iou"] <= 1.0
+    assert test["hd95"] >= 0.0
+    header = (Path(trainer_kwargs["default_root_dir"]) / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"dice", "iou", "hd95"} <= set(header)
 
 
 def test_fit_continues_from_a_checkpoint(trainer_kwargs):

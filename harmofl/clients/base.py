@@ -53,6 +53,8 @@ class FederatedClient(LightningModule):
 
     #: The metric whose mean over clients selects the best global model.
     primary_metric: str
+    #: Metrics that are not fractions in [0, 1] (distances), only >= 0: a server checks a site's reported values by it.
+    unbounded_metrics: frozenset[str] = frozenset()
 
     def __init__(
         self,

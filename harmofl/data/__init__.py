@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from harmofl.data.augmentation import Augmentation
 from harmofl.data.base import SPLITS, FederatedDataModule
 from harmofl.data.camelyon import Camelyon17
 from harmofl.data.checks import DataError
@@ -13,6 +14,7 @@ from harmofl.data.site_folders import SiteFolders
 
 __all__ = [
     "SPLITS",
+    "Augmentation",
     "Camelyon17",
     "DataError",
     "DemoHistology",

@@ -32,9 +32,10 @@ def entry_path(folder: Path, name: str, settings: Mapping[str, object], digits: 
     return folder / f"{name}-{key}.pt"
 
 
-def read_entry(path: Path) -> dict[str, Tensor]:
-    """An entry's tensors, on the CPU; raises what ``torch.load`` raises for a missing or damaged file."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def read_entry(path: Path, mmap: bool = False) -> dict[str, Tensor]:
+    """An entry's tensors, on the CPU; ``mmap`` maps them instead of reading them (reading one small tensor of a large
+    entry reads only its pages). Raises what ``torch.load`` raises for a missing or damaged file."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def write_entry(path: Path, tensors: dict[str, Tensor]) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from harmofl.data.base import SPLITS, FederatedDataModule, Split
 from harmofl.data.cache import entry_path, read_entry, user_cache_dir, write_entry
@@ -94,6 +94,7 @@ class _ProceduralFederation(FederatedDataModule):
         self.sites: list[SiteImaging] = default_sites(num_sites, seed)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else user_cache_dir("demo")
         self.cache = cache
+        self._set_up = False
 
     @property
     def client_names(self) -> list[str]:
@@ -108,13 +109,21 @@ class _ProceduralFederation(FederatedDataModule):
                         self._cached_split(index, split)
 
     def setup(self, stage: str | None = None) -> None:
-        """Load (or generate) every site's splits, once per instance."""
-        if self._datasets:
-            return
-        for index, client in enumerate(self.client_names):
-            for split in SPLITS:
-                images, targets = self._cached_split(index, split) if self.cache else self._generate(index, split)
-                self._datasets[(client, split)] = TensorDataset(images, targets)
+        """Nothing to find: the sites and their sizes are the settings; a site's splits are generated (or read from
+        the cache) when the site is first used."""
+        self._set_up = True
+
+    def num_samples(self, client: str, split: Split) -> int:
+        """Known from the settings: counting generates nothing."""
+        self._check_request(client, split)
+        return self.split_sizes[split]
+
+    def load_client_datasets(self, client: str) -> dict[Split, Dataset]:
+        if not self._set_up:
+            raise RuntimeError(f"{type(self).__name__}.dataset() needs setup() first.")
+        index = self.client_names.index(client)
+        read = self._cached_split if self.cache else self._generate
+        return {split: TensorDataset(*read(index, split)) for split in SPLITS}
 
     def _generate(self, index: int, split: Split) -> tuple[Tensor, Tensor]:
         with _one_thread():

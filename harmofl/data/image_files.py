@@ -8,6 +8,7 @@ and lazy reading in :class:`ImageFiles`. A subclass only says which files, label
 
 from __future__ import annotations
 
+import functools
 from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from torch.utils.data import Dataset
 
 from harmofl.data.base import SPLITS, FileFederation, Split
 from harmofl.data.checks import DataError, check_at_least, check_choice, keep_good_samples
+from harmofl.data.decoded_cache import decoded_dataset
 from harmofl.data.image_io import image_is_intact, read_image, resize
 
 
@@ -93,7 +95,9 @@ class ImageFileFederation(FileFederation):
     :class:`DataError` naming it, or is left out and counted in ``skipped[client]`` under
     ``on_bad_sample="skip"``; an empty split raises a :class:`DataError` naming client and split. Then, with
     ``truncate_to_smallest``, every training set keeps its first N rows, N the smallest training set.
-    Images are read when a batch asks for them.
+    Only under ``on_bad_sample="skip"`` does setup decode every client's images (the counts depend on them);
+    otherwise the integrity check of a client's images is made when the client is loaded, by the processes that
+    use it. Images are read when a batch asks for them (or from the decoded cache, ``decoded_cache``).
 
     Args:
         image_size: side every image is resized to (bilinear) when it differs.
@@ -127,7 +131,9 @@ class ImageFileFederation(FileFederation):
         self.truncate_to_smallest = truncate_to_smallest
         self.verify_images = verify_images
         self.seed = seed
-        self._clients: list[str] = []
+        self._files: dict[str, ClientFiles] = {}
+        self._checked: dict[str, dict[Split, np.ndarray]] = {}  # every client's checked rows per split
+        self._rows: dict[str, dict[Split, np.ndarray]] = {}  # the rows used (the training rows truncated)
 
     @abstractmethod
     def _client_files(self) -> dict[str, ClientFiles]:
@@ -139,47 +145,88 @@ class ImageFileFederation(FileFederation):
 
     @property
     def client_names(self) -> list[str]:
-        if not self._datasets:
+        if not self._rows:
             raise RuntimeError(
                 f"{type(self).__name__}.client_names needs setup() first: the clients are read from disk."
             )
-        return list(self._clients)
+        return list(self._rows)
+
+    @property
+    def _decodes_in_setup(self) -> bool:
+        """Whether :meth:`setup` decodes every listed image: only when bad images are skipped, since every client's
+        sample count (which every process needs) then depends on them. Otherwise a process decodes (checks) the
+        images of the clients it loads, and a bad one stops it as it would have stopped setup."""
+        return self.verify_images and self.on_bad_sample == "skip"
 
     def setup(self, stage: str | None = None) -> None:
-        """Read the index files and check every listed file, once per instance."""
-        if self._datasets:
+        """Read the index files and check every client's listed files (that they exist; that they decode too under
+        ``on_bad_sample="skip"``), once per instance; a client's images are decoded when it is loaded."""
+        if self._rows:
             return
         clients = self._client_files()
-        self._clients = list(clients)
         self.skipped = dict.fromkeys(clients, 0)
-        rows = {
-            client: {split: self._checked_rows(client, split, files) for split in SPLITS}
+        verify = self._decodes_in_setup
+        checked = {
+            client: {
+                split: self._checked_rows(client, split, files, files.rows[split][: self.max_per_split], verify)
+                for split in SPLITS
+            }
             for client, files in clients.items()
         }
+        rows = {client: dict(splits) for client, splits in checked.items()}
         if self.truncate_to_smallest:
             smallest = min(len(splits["train"]) for splits in rows.values())
             for splits in rows.values():
                 splits["train"] = splits["train"][:smallest]
-        self._datasets = {
-            (client, split): ImageFiles(
-                files.root,
-                files.files[rows[client][split]],
-                files.labels[rows[client][split]],
-                self.channels,
-                self.image_size,
+        self._files, self._checked, self._rows = clients, checked, rows
+
+    def num_samples(self, client: str, split: Split) -> int:
+        """Known after :meth:`setup`: counting decodes nothing."""
+        self._check_request(client, split)
+        return len(self._rows[client][split])
+
+    def load_client_datasets(self, client: str) -> dict[Split, Dataset]:
+        files, checked, rows = self._files[client], self._checked[client], self._rows[client]
+        verify = self.verify_images and not self._decodes_in_setup  # else setup has decoded them
+
+        def check(split: Split) -> None:
+            """The integrity check of every row setup checked in ``split``, as setup would have made it."""
+            if verify:
+                self._checked_rows(client, split, files, checked[split], verify=True)
+
+        if not self.decoded_cache:
+            for split in SPLITS:
+                check(split)
+            return {
+                split: ImageFiles(files.root, files.files[rows[split]], files.labels[rows[split]], *self._shape)
+                for split in SPLITS
+            }
+        # An entry covers the checked rows (the used ones are their first rows) and stands for files that passed the
+        # check when it was written: a hit neither checks nor decodes them again.
+        return {
+            split: decoded_dataset(
+                self.decoded_cache_dir,
+                [files.path(row) for row in checked[split].tolist()],
+                files.labels[rows[split]],
+                *self._shape,
+                check=functools.partial(check, split),
             )
-            for client, files in clients.items()
             for split in SPLITS
         }
 
-    def _checked_rows(self, client: str, split: Split, files: ClientFiles) -> np.ndarray:
-        """The rows of one client's split that are used: capped, then checked."""
-        candidates = files.rows[split][: self.max_per_split].tolist()
-        # Decoding every image to check it is slow on large sets; verify_images=False keeps the existence check.
+    @property
+    def _shape(self) -> tuple[int, int]:
+        """What every image is read as: channels, side."""
+        return self.channels, self.image_size
+
+    def _checked_rows(
+        self, client: str, split: Split, files: ClientFiles, candidates: np.ndarray, verify: bool
+    ) -> np.ndarray:
+        """The ``candidates`` rows of one client's split that pass the checks (decoding them too when ``verify``)."""
         good, skipped = keep_good_samples(
             client,
-            candidates,
-            lambda row: image_is_intact(files.path(row), self.verify_images),
+            candidates.tolist(),
+            lambda row: image_is_intact(files.path(row), verify),
             lambda row: str(files.path(row)),
             self.on_bad_sample,
         )
@@ -190,3 +237,7 @@ class ImageFileFederation(FileFederation):
                 f"Client {client!r} has no samples in its {split!r} split{left_out}. {self._empty_split_hint(split)}"
             )
         return np.asarray(good, dtype=np.int64)
+
+    def read_unlabelled(self, path: Path) -> Tensor:
+        """An unlabelled image as every training image is read: ``channels``, resized to ``image_size`` (bilinear)."""
+        return resize(read_image(path, self.channels), self.image_size)[None]

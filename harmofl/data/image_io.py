@@ -61,6 +61,14 @@ def read_image(path: Path, channels: int = 3) -> Tensor:
 
     Raises :class:`DataError` naming the file if it is unreadable, truncated or above PIL's decompression-bomb limit.
     """
+    return image_tensor(decode_image(path, channels))
+
+
+def decode_image(path: Path, channels: int = 3) -> np.ndarray:
+    """An image file's pixels as PIL decodes them: ``[H, W, 3]`` (RGB) or ``[H, W]`` (grey), uint8 or uint16.
+
+    Raises :class:`DataError` naming the file if it is unreadable, truncated or above PIL's decompression-bomb limit.
+    """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}.")
     try:
@@ -70,9 +78,13 @@ def read_image(path: Path, channels: int = 3) -> Tensor:
                 image = opened.convert("RGB")
             elif opened.mode not in ("L", "I;16"):  # keep 16-bit grey as it is
                 image = opened.convert("L")
-            array = np.asarray(image)
+            return np.asarray(image)
     except _DECODE_ERRORS as error:
         raise DataError(f"{path}: {_problem('image', error)}.") from error
+
+
+def image_tensor(array: np.ndarray) -> Tensor:
+    """Decoded pixels (:func:`decode_image`) as float32 ``[C, H, W]`` in ``[0, 1]``."""
     scale = 65535.0 if array.dtype == np.uint16 else 255.0 if array.dtype == np.uint8 else 1.0
     tensor = torch.from_numpy(array.astype(np.float32) / scale)
     return tensor.permute(2, 0, 1).contiguous() if tensor.ndim == 3 else tensor.unsqueeze(0)

@@ -33,6 +33,8 @@ from torch import Tensor
 from harmofl.data.checks import DataError
 
 VOLUME_SUFFIX = ".nii.gz"
+# What unlabelled volumes may be (`cli.py predict`); the release's cases are all .nii.gz.
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MASK_SUFFIXES = ("_segmentation", "_Segmentation")
 # The most voxels a volume may declare in its header: 512³ (512 MiB as float32, several times any prostate volume of
 # the release). It bounds what one file can make the loader decompress and allocate.
@@ -124,3 +126,8 @@ def context_stack(slices: Tensor, context_slices: int) -> Tensor:
     depth = slices.shape[0]
     offsets = torch.arange(-context_slices, context_slices + 1)
     return slices[(torch.arange(depth).unsqueeze(1) + offsets).clamp(0, depth - 1)]
+
+
+def read_nifti_shape(path: Path) -> tuple[int, ...]:
+    """A NIfTI file's voxel shape, from its header alone (the data is not decoded)."""
+    return tuple(int(side) for side in cast(DataobjImage, nib.load(path)).shape)

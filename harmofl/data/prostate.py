@@ -13,14 +13,16 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from harmofl.data.base import SPLITS, Split
 from harmofl.data.cache import entry_path, read_entry, user_cache_dir, write_entry
 from harmofl.data.checks import DataError, check_at_least, check_choice, keep_good_samples
 from harmofl.data.mri import (
     MAX_VOXELS,
+    NIFTI_SUFFIXES,
     VOLUME_SUFFIX,
     Case,
     context_stack,
@@ -28,6 +30,7 @@ from harmofl.data.mri import (
     find_cases,
     preprocess_case,
     read_nifti,
+    read_nifti_shape,
 )
 from harmofl.data.sites import SiteFolderFederation
 from harmofl.data.splits import (
@@ -81,8 +84,9 @@ class ProstateMRI(SiteFolderFederation):
     (float16 slices, finer than the reference's 8 bits; uint8 mask; per-slice prostate flags), ``key`` hashing
     the site, the case's file names, sizes and modification times, and the preprocessing settings
     (``clip_percentile``, ``intensity_scale``, ``image_size``): editing a file or one of these settings makes a
-    new entry, and later runs read no NIfTI. The splits of every site are then held in memory as float32
-    inputs and long masks (about 3 MB per 3x384x384 slice).
+    new entry, and later runs read no NIfTI. Setup reads only the cases' slice flags (to split every site); a
+    site's splits are held in memory, as float32 inputs and long masks (about 3 MB per 3x384x384 slice), by the
+    processes that load it.
 
     Args:
         context_slices: neighbours on each side of a slice stacked as channels (channels = 2k+1; reference 1).
@@ -147,6 +151,8 @@ class ProstateMRI(SiteFolderFederation):
         check_at_least("max_voxels", max_voxels, 1)
         self.max_voxels = max_voxels
         self._origins: dict[tuple[str, Split], list[tuple[str, int]]] = {}
+        self._cases: dict[str, list[Case]] = {}  # every site's usable cases
+        self._rows: dict[str, dict[Split, Tensor]] = {}  # every site's slices per split (indices over its cases')
 
     # -- cases and their cache ------------------------------------------------------------------------------
 
@@ -208,18 +214,24 @@ class ProstateMRI(SiteFolderFederation):
         )
         return good
 
-    def _load_case(self, site: str, case: Case) -> tuple[Tensor, Tensor, Tensor]:
-        """A cached case's kept slices: 2.5D inputs ``[N, C, S, S]`` (float32), masks ``[N, S, S]`` (long) and
-        their indices along the volume ``[N]``."""
+    def _cached_case(self, site: str, case: Case, mmap: bool = False) -> dict[str, Tensor]:
         path = self._cache_path(site, case)
         try:
-            cached = read_entry(path)
+            return read_entry(path, mmap=mmap)
         except Exception as error:  # a cache file damaged after it was written
             raise DataError(f"Cannot read the cached case {str(path)!r} ({error}): delete it to rebuild it.") from error
+
+    def _kept(self, cached: dict[str, Tensor]) -> Tensor:
+        """The indices along the volume of a cached case's slices that are used."""
         kept = cached["prostate"] if self.slices == "prostate" else torch.ones_like(cached["prostate"])
-        indices = kept.nonzero().flatten()
+        return kept.nonzero().flatten()
+
+    def _load_case(self, site: str, case: Case) -> tuple[Tensor, Tensor]:
+        """A cached case's kept slices: 2.5D inputs ``[N, C, S, S]`` (float32) and masks ``[N, S, S]`` (long)."""
+        cached = self._cached_case(site, case)
+        indices = self._kept(cached)
         inputs = context_stack(cached["image"].float(), self.context_slices)[indices]
-        return inputs, cached["mask"][indices].long(), indices
+        return inputs, cached["mask"][indices].long()
 
     # -- LightningDataModule hooks ---------------------------------------------------------------------------
 
@@ -229,40 +241,58 @@ class ProstateMRI(SiteFolderFederation):
             self._good_cases(site)
 
     def setup(self, stage: str | None = None) -> None:
-        """Load every site's splits from the cache (preprocessing what is missing), once per instance."""
-        if self._datasets:
+        """Split every site's slices, reading only the cached cases' slice flags (preprocessing what is missing),
+        once per instance; a site's slices are read when it is loaded."""
+        if self._rows:
             return
         for site in self.client_names:
-            self._setup_site(site)
+            self._plan_site(site)
 
-    def _setup_site(self, site: str) -> None:
+    def _plan_site(self, site: str) -> None:
         cases = self._good_cases(site)
         if self.split_mode == "patient" and len(cases) < 3:
             raise DataError(
                 f"Site {site!r} has {len(cases)} usable case(s) in {str(self.root / site)!r}: a patient "
                 "split needs at least 3 (one per split); add cases or leave the site out (data.sites)."
             )
-        loaded = [self._load_case(site, case) for case in cases]
-        images = torch.cat([inputs for inputs, _, _ in loaded])
-        masks = torch.cat([labels for _, labels, _ in loaded])
-        origins = [(case.name, index) for case, (_, _, indices) in zip(cases, loaded) for index in indices.tolist()]
-        case_of = torch.repeat_interleave(torch.arange(len(cases)), torch.tensor([len(i) for _, _, i in loaded]))
+        kept = [self._kept(self._cached_case(site, case, mmap=True)) for case in cases]
+        origins = [(case.name, index) for case, indices in zip(cases, kept) for index in indices.tolist()]
+        case_of = torch.repeat_interleave(torch.arange(len(cases)), torch.tensor([len(i) for i in kept]))
 
         generator = named_generator("harmofl-prostate", self.seed, site)
         rows = self._split(case_of, len(cases), generator)
+        self._rows[site] = {}
         for split in SPLITS:
             index = torch.from_numpy(rows[split])
             if len(index) == 0:
                 raise DataError(
                     f"Site {site!r} ({str(self.root / site)!r}) has no slices in its {split} split ({len(cases)} "
-                    f"cases, {len(masks)} slices, split_mode={self.split_mode}, slices={self.slices}): add cases, "
+                    f"cases, {len(case_of)} slices, split_mode={self.split_mode}, slices={self.slices}): add cases, "
                     "or use slices: all, or leave the site out (data.sites)."
                 )
             if self.max_slices_per_split is not None:
                 # The split's generator draws the subsets too, split after split: their order is part of the result.
                 index = index[random_subset(len(index), self.max_slices_per_split, generator)]
-            self._datasets[(site, split)] = TensorDataset(images[index], masks[index])
+            self._rows[site][split] = index
             self._origins[(site, split)] = [origins[i] for i in index.tolist()]
+        self._cases[site] = cases
+
+    def num_samples(self, client: str, split: Split) -> int:
+        """Known after :meth:`setup`: counting reads no slice."""
+        self._check_request(client, split)
+        return len(self._planned(client)[split])
+
+    def _planned(self, client: str) -> dict[Split, Tensor]:
+        if not self._rows:
+            raise RuntimeError(f"{type(self).__name__} needs setup() first: the sites are split there.")
+        return self._rows[client]
+
+    def load_client_datasets(self, client: str) -> dict[Split, Dataset]:
+        rows = self._planned(client)
+        loaded = [self._load_case(client, case) for case in self._cases[client]]
+        images = torch.cat([inputs for inputs, _ in loaded])
+        masks = torch.cat([labels for _, labels in loaded])
+        return {split: TensorDataset(images[index], masks[index]) for split, index in rows.items()}
 
     def _split(self, case_of: Tensor, num_cases: int, generator: torch.Generator) -> dict[Split, np.ndarray]:
         """Indices of a site's slices per split, given the case of each slice ``case_of [N]``."""
@@ -278,5 +308,29 @@ class ProstateMRI(SiteFolderFederation):
 
     def origins(self, client: str, split: Split) -> list[tuple[str, int]]:
         """The ``(case, slice index)`` of each sample of a split, in dataset order (slice index along the volume)."""
-        self.dataset(client, split)  # validates the client, the split and that setup() ran
+        self._check_request(client, split)
+        self._planned(client)
         return self._origins[(client, split)]
+
+    # -- unlabelled volumes (``cli.py predict``) -------------------------------------------------------------
+
+    @property
+    def unlabelled_suffixes(self) -> tuple[str, ...]:
+        return NIFTI_SUFFIXES
+
+    def read_unlabelled(self, path: Path) -> Tensor:
+        """An unlabelled volume preprocessed as the training volumes (clipping, rescaling, resizing, the cache's
+        float16 rounding, context slices): every slice, ``[Z, 2k+1, S, S]``."""
+        if not path.name.lower().endswith(NIFTI_SUFFIXES):
+            raise DataError(f"{path}: ProstateMRI predicts on NIfTI volumes ({', '.join(NIFTI_SUFFIXES)}).")
+        volume = read_nifti(path, self.max_voxels)
+        no_mask = np.zeros(volume.shape, dtype=np.uint8)
+        image, _, _ = preprocess_case(volume, no_mask, self.clip_percentile, self.intensity_scale, self.image_size)
+        return context_stack(image.half().float(), self.context_slices)
+
+    def unlabelled_mask(self, path: Path, masks: Tensor) -> Tensor:
+        """Slice masks ``[Z, S, S]`` back in the volume's voxel grid ``[X, Y, Z]`` (nearest), undoing the slice
+        layout and resizing of :func:`~harmofl.data.mri.preprocess_case`."""
+        columns, rows, _ = read_nifti_shape(path)
+        resized = F.interpolate(masks[:, None].float(), size=(rows, columns), mode="nearest-exact")[:, 0]
+        return resized.to(masks.dtype).permute(2, 1, 0).contiguous()

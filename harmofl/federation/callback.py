@@ -25,6 +25,10 @@ class FederatedCallback(Callback):
     #: Whether a Flower deployment can run this callback: its per-client state either stays at the site or
     #: reaches the server through :meth:`shares_client_states`.
     deployable: ClassVar[bool] = True
+    #: Whether ``on_round_end``, ``on_save_checkpoint`` or ``on_round_start`` change this callback's global state, what
+    #: :meth:`shares_client_states` answers or the global weights: a Flower deployment then sends a round's training
+    #: apart from the previous round's evaluation, not in the same message (:mod:`harmofl.flower.executor`).
+    changes_state_between_rounds: ClassVar[bool] = False
 
     def client_state_dict(self, client: str) -> dict[str, Any]:
         """This callback's state of ``client`` (host tensors)."""

@@ -17,6 +17,7 @@ from torch import Tensor
 from harmofl.data.base import FederatedDataModule, Split
 from harmofl.federation.failures import ClientFailure, describe
 from harmofl.federation.runner import ClientUpdate, Metrics
+from harmofl.federation.topology import POOLED_CLIENT, Federation
 
 if TYPE_CHECKING:
     from harmofl.trainer import FederatedTrainer
@@ -68,6 +69,15 @@ class Executor(Protocol):
         ...
 
 
+def clients_read_by(federation: Federation, rank: int, world_size: int) -> list[str]:
+    """The clients whose data process ``rank`` of ``world_size`` reads: those it evaluates and trains, and every
+    training client when it trains the pooled one. The others' data it never loads."""
+    trainees = federation.trained_by(rank, world_size)
+    pooled = federation.training_clients if POOLED_CLIENT in trainees else []
+    readers = dict.fromkeys([*federation.evaluated_by(rank, world_size), *trainees, *pooled])
+    return [client for client in readers if client != POOLED_CLIENT]
+
+
 class InProcessExecutor:
     """Clients trained and evaluated one after the other on this process's model, through the trainer's
     :class:`~harmofl.federation.runner.LocalRunner`; process ``r`` of ``N`` holds clients ``r, r+N, ...``."""
@@ -77,7 +87,7 @@ class InProcessExecutor:
     def connect(self, trainer: FederatedTrainer, datamodule: FederatedDataModule | None, stage: str) -> dict[str, int]:
         if not isinstance(datamodule, FederatedDataModule):
             raise TypeError(f"The data must be a harmofl FederatedDataModule, got {type(datamodule).__name__}.")
-        trainer.setup_data(datamodule, stage)
+        trainer.setup_data(datamodule, stage, clients=[])  # each process loads its own clients' data in start()
         return {client: datamodule.num_samples(client, "train") for client in datamodule.client_names}
 
     def start(self, trainer: FederatedTrainer) -> None:
@@ -86,6 +96,7 @@ class InProcessExecutor:
         self.my_clients = trainer.federation.evaluated_by(rank, world_size)
         self.my_trainees = trainer.federation.trained_by(rank, world_size)
         self.runner = trainer.local_runner(trainer.federation.training_clients)
+        trainer.load_clients(clients_read_by(trainer.federation, rank, world_size))
 
     def check_resumable(self) -> None:
         """A simulated run always continues from its checkpoint."""

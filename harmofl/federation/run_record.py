@@ -29,8 +29,9 @@ class RunRecord:
         self.history: list[dict[str, Any]] = []
         self.best_round: int | None = None
         self.best_score = float("-inf")
-        #: The latest round's mean validation metric.
+        #: The latest evaluated round's mean validation metric, and that round.
         self.last_score = float("nan")
+        self.last_evaluated: int | None = None
         #: Client failures so far: ``{"round", "client", "error"}`` (rounds from 1), in the checkpoint and summary.
         self.failures: list[dict[str, Any]] = []
 
@@ -38,19 +39,28 @@ class RunRecord:
         self, round_number: int, results: Results, server_metrics: Mapping[str, float] | None = None
     ) -> list[dict[str, Any]]:
         """Add round ``round_number``'s per-client results and the server's values (``privacy/epsilon``); returns its
-        rows. A better mean validation metric than every round before makes it the best round."""
+        rows. A better mean validation metric than every evaluated round before makes it the best round; a round
+        without validation results (``trainer.evaluate_every_n_rounds``) is never the best."""
         rows = reporting.history_rows(round_number, results, self.held_out, server_metrics)
         self.history.extend(rows)
-        self.last_score = reporting.mean_over_clients(results, self.held_out)["val"][self.metric]
+        validation = reporting.mean_over_clients(results, self.held_out).get("val")
+        if validation is None:
+            return rows
+        self.last_score, self.last_evaluated = validation[self.metric], round_number
         if self.last_score > self.best_score:
             self.best_round, self.best_score = round_number, self.last_score
         return rows
 
     def round_line(self, round_number: int, noun: str = "client") -> str:
         """One log line of the latest round, for runs watched through their log (servers, no progress bar)."""
+        evaluated = (
+            f"mean val {self.metric} {self.last_score:.4f}"
+            if self.last_evaluated == round_number
+            else f"not evaluated (last: round {self.last_evaluated})"
+        )
         return (
-            f"Round {round_number}/{self.rounds}: mean val {self.metric} {self.last_score:.4f} (best round "
-            f"{self.best_round}); {len(self.failures)} {noun} failures so far."
+            f"Round {round_number}/{self.rounds}: {evaluated} (best round {self.best_round}); {len(self.failures)} "
+            f"{noun} failures so far."
         )
 
     def record_failures(self, round_idx: int, failures: Mapping[str, str], noun: str = "client") -> None:

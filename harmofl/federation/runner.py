@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from harmofl.data.augmentation import augmentation_generator
 from harmofl.data.base import FederatedDataModule, Split
 from harmofl.federation.topology import POOLED_CLIENT
 
@@ -77,11 +78,12 @@ class LocalRunner:
         else:
             loader = self.datamodule.dataloader(client, "train", generator=generator)
         num_batches = local_step_count(len(loader), self.local_epochs, self.local_steps)
+        augmentation_draws = augmentation_generator(seed)
         self.module.train()
         self._call("on_train_client_start", client=client, num_batches=num_batches)
         loss_sum = torch.zeros((), device=self.fabric.device)
         for batch_idx, batch in enumerate(self._training_batches(client, loader, num_batches)):
-            batch = self._transformed(self.fabric.to_device(batch), "train")
+            batch = self.transformed(self._augmented(self.fabric.to_device(batch), augmentation_draws), "train")
             self._call("on_train_batch_start", batch=batch, batch_idx=batch_idx)
             loss = self.fabric_module.training_step(batch, batch_idx)
             loss_sum += loss
@@ -103,7 +105,18 @@ class LocalRunner:
     def _call(self, hook: str, **kwargs: Any) -> None:
         self.fabric.call(hook, trainer=self.trainer, pl_module=self.module, **kwargs)
 
-    def _transformed(self, batch: Any, stage: Split) -> Any:
+    def _augmented(self, batch: Any, generator: torch.Generator) -> Any:
+        """A training batch ``(images, targets)`` with the data module's augmentation (in this process, on the
+        device, drawn from the client's round generator); untouched when it is off."""
+        augmentation = self.datamodule.augmentation
+        if not augmentation.enabled:
+            return batch
+        images, targets = batch
+        return augmentation(images, targets, generator)
+
+    def transformed(self, batch: Any, stage: Split) -> Any:
+        """``batch`` (on the device) as a client's ``stage`` step sees it: through every federated callback's
+        :meth:`~harmofl.federation.callback.FederatedCallback.transform_batch`, in order."""
         for callback in self.trainer.federated_callbacks:
             batch = callback.transform_batch(self.trainer, self.module, batch, stage)
         return batch
@@ -135,7 +148,7 @@ class LocalRunner:
         metrics.reset()
         self.module.eval()
         for batch_idx, batch in enumerate(self.datamodule.dataloader(client, split)):
-            batch = self._transformed(self.fabric.to_device(batch), split)
+            batch = self.transformed(self.fabric.to_device(batch), split)
             self._call(hook, batch=batch, batch_idx=batch_idx)
             getattr(self.fabric_module, step)(batch, batch_idx)
         values = {name: float(value) for name, value in metrics.compute().items()}

@@ -6,6 +6,7 @@ import os
 
 from lightning.fabric import Fabric
 from lightning.fabric.loggers import Logger
+from lightning.fabric.plugins.environments import ClusterEnvironment, LightningEnvironment
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -19,9 +20,13 @@ from harmofl.server_optimizers import ServerOptimizer
 SUPPORTED_PRECISION = ("32-true", "bf16-mixed")
 
 
-def check_run_settings(rounds: int, local_epochs: int, local_steps: int | None, devices: int, precision: str) -> None:
-    """Refuse bad rounds, local work, devices or precision before any work, naming the key and what is allowed."""
-    for name, value in (("rounds", rounds), ("local_epochs", local_epochs), ("devices", devices)):
+def check_run_settings(
+    rounds: int, local_epochs: int, local_steps: int | None, num_nodes: int, devices: int, precision: str
+) -> None:
+    """Refuse bad rounds, local work, nodes, devices or precision before any work, naming the key and what is
+    allowed."""
+    counts = {"rounds": rounds, "local_epochs": local_epochs, "num_nodes": num_nodes, "devices": devices}
+    for name, value in counts.items():
         _check_positive(f"trainer.{name}", value)
     if local_steps is not None:
         _check_positive("trainer.local_steps", local_steps)
@@ -79,14 +84,19 @@ def _default_wandb_to_offline(loggers: list[Logger]) -> None:
 
 def make_fabric(
     accelerator: str,
+    num_nodes: int,
     devices: int,
     precision: str,
     callbacks: list[Callback] | Callback | None,
     logger: Logger | list[Logger] | None,
     enable_progress_bar: bool,
 ) -> Fabric:
-    """The run's Fabric: one process per device without gradient synchronization (clients are never split), the
-    callbacks (plus the progress bar) and loggers (W&B offline without a key)."""
+    """The run's Fabric: one process per device on each of ``num_nodes`` machines, without gradient synchronization
+    (clients are never split), the callbacks (plus the progress bar) and loggers (W&B offline without a key).
+
+    Several nodes need one launch per node, by torchrun, SLURM's ``srun`` or another cluster environment Lightning
+    detects; a plain launch is refused (:func:`check_node_launcher`) rather than left waiting for nodes that never
+    come."""
     callback_list = [callbacks] if isinstance(callbacks, Callback) else list(callbacks or [])
     if enable_progress_bar:
         from callbacks.progress import RoundProgressBar  # the callbacks package imports the trainer
@@ -94,11 +104,26 @@ def make_fabric(
         callback_list.append(RoundProgressBar())
     loggers = [logger] if isinstance(logger, Logger) else list(logger or [])
     _default_wandb_to_offline(loggers)
-    return Fabric(
+    fabric = Fabric(
         accelerator=accelerator,
         devices=devices,
-        strategy=ClientParallelStrategy() if devices > 1 else "auto",
+        num_nodes=num_nodes,
+        strategy=ClientParallelStrategy() if num_nodes * devices > 1 else "auto",
         precision=precision,  # type: ignore[arg-type]
         callbacks=callback_list,
         loggers=loggers,
     )
+    check_node_launcher(num_nodes, getattr(fabric.strategy, "cluster_environment", None))
+    return fabric
+
+
+def check_node_launcher(num_nodes: int, environment: ClusterEnvironment | None) -> None:
+    """Refuse several nodes started by a plain launch: Fabric's own launcher starts the processes of one machine
+    only, and without a node rank every machine would take node 0's place and wait for the others forever."""
+    if num_nodes > 1 and isinstance(environment, LightningEnvironment) and "NODE_RANK" not in os.environ:
+        raise ValueError(
+            f"trainer.num_nodes={num_nodes} needs one launch per node: start the same command on every node with "
+            f"torchrun (`torchrun --nnodes {num_nodes} --node_rank <0..{num_nodes - 1}> --nproc_per_node <devices> "
+            "--master_addr <node 0> --master_port <port> cli.py fit ...`), or with `srun` under SLURM "
+            "(--ntasks-per-node = trainer.devices), or set NODE_RANK, MASTER_ADDR and MASTER_PORT on every node."
+        )

@@ -1,10 +1,11 @@
 """What each client keeps between rounds, on the host: its local keys, optimizer state, the module's per-client
-state, and the federated callbacks' per-client state (amplitude target, control variate)."""
+state, and the federated callbacks' per-client state (amplitude target, control variate); and which of these
+the client's record file on disk (:mod:`harmofl.checkpoint`) still holds."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from harmofl import aggregation
+from harmofl.checkpoint import content_digest
 from harmofl.clients.base import FederatedClient
 from harmofl.federation.callback import FederatedCallback
 
@@ -40,9 +42,22 @@ class ClientRecord:
     module_state: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class WrittenRecord:
+    """A client's record file on disk: its reference in the checkpoint, and the
+    :func:`~harmofl.checkpoint.content_digest` of the callbacks' state it holds."""
+
+    reference: str
+    callbacks_digest: str
+
+
 class ClientStore:
     """Every client's :class:`ClientRecord` and its federated callbacks' state: load a client into the one model
     of this process, store it back, snapshot and roll back, and the checkpoint entries.
+
+    A client's record file is stale once :meth:`save` or :meth:`load_entry` replaced its :class:`ClientRecord`, or
+    once its callbacks' state differs from the file's (compared by digest: callbacks may change a client's state in
+    any hook, e.g. a statistic computed at its first evaluation): :meth:`stale_entries`.
 
     Args:
         callbacks: the federated callbacks whose per-client state is the client's.
@@ -57,6 +72,9 @@ class ClientStore:
         self.local_keys = local_keys
         self.initial_optimizer_state = initial_optimizer_state
         self.records: dict[str, ClientRecord] = {}
+        #: Each client's record file, once written (or restored from this run's checkpoint).
+        self.written: dict[str, WrittenRecord] = {}
+        self._replaced: set[str] = set()  # clients whose ClientRecord changed since their file was written
 
     def load(
         self,
@@ -82,6 +100,7 @@ class ClientStore:
             optimizer_state=to_host(optimizer.state_dict()),
             module_state=to_host(module.persistent_client_state()),
         )
+        self._replaced.add(client)
 
     def callback_states(self, client: str) -> dict[str, Any]:
         """Every federated callback's state of ``client``, by callback state key."""
@@ -114,4 +133,21 @@ class ClientStore:
             optimizer_state=entry["optimizer_state"] if with_optimizer else None,
             module_state=entry.get("module_state", {}),
         )
+        self._replaced.add(client)
         self.load_callback_states(client, entry["callbacks"])
+
+    def stale_entries(self, clients: Iterable[str]) -> Iterator[tuple[str, ClientEntry, str]]:
+        """``(client, entry, digest of the entry's callbacks' state)`` of each of ``clients`` whose record file is
+        missing or no longer holds its state: those to write (then :meth:`mark_written`)."""
+        for client in clients:
+            entry = self.entry(client)
+            callbacks_digest = content_digest(entry["callbacks"])
+            written = self.written.get(client)
+            if written is None or client in self._replaced or written.callbacks_digest != callbacks_digest:
+                yield client, entry, callbacks_digest
+
+    def mark_written(self, client: str, reference: str, callbacks_digest: str) -> None:
+        """``client``'s state as it is now is in record file ``reference``, whose callbacks' state has
+        ``callbacks_digest``."""
+        self.written[client] = WrittenRecord(reference, callbacks_digest)
+        self._replaced.discard(client)

@@ -77,7 +77,8 @@ class Federation:
             raise ValueError(f"Client names {reserved} are reserved for metrics.csv's summary rows: rename the sites.")
         if world_size > len(names):
             raise ValueError(
-                f"trainer.devices={world_size} exceeds the {len(names)} clients: use at most {len(names)} devices."
+                f"{world_size} processes (trainer.num_nodes × trainer.devices) exceed the {len(names)} clients: every "
+                f"process needs a client, so use at most {len(names)} processes in all."
             )
         held_out = list(held_out)
         unknown = sorted(set(held_out) - set(names))

@@ -17,7 +17,9 @@ Run config (``[tool.flwr.app.config]`` in ``pyproject.toml``, or ``flwr run --ru
     Flower's local differential privacy at every site (off unless ``local-dp-clipping-norm`` > 0, with
     ``local-dp-epsilon``, ``local-dp-delta``, optional ``local-dp-sensitivity``), never weaker than a site's own;
     ``ckpt-path`` (default empty: a new federation) ``last``, ``best`` or a file of ``<output-dir>/checkpoints``
-    to continue the federation from (the sites continue from their own saved states).
+    to continue the federation from (the sites continue from their own saved states); ``combined-exchange``
+    (default true) one message exchange per round: a round's evaluation carries the next round's training (false:
+    a train and an evaluate exchange per round; the same results).
 Node config (``flower-supernode --node-config``), the site's own settings, which no run can change: ``site`` the
     client this node serves (a name the data module gives, e.g. ``site_0`` of the demo, or the site's folder name);
     ``data-path`` (optional) the folder of the site's data, which replaces ``data.init_args.root``; ``cache-dir``
@@ -33,24 +35,20 @@ A site's error replies name the exception's class and a correlation id only; the
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import LocalDpMod
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
-from harmofl.cli import HarmoFLCLI, build
-from harmofl.data.base import Split
-from harmofl.flower import site_policy, site_store, wire
-from harmofl.flower.executor import FlowerExecutor
-from harmofl.flower.replies import SiteRoster
-from harmofl.flower.site import FlowerSite, site_log
-from harmofl.trainer import FederatedTrainer
+from harmofl.flower import site_policy
+
+# PyTorch, Lightning and the orchestrator are imported in the handlers (harmofl.flower.site_handlers, the server's
+# modules): every message starts a fresh ClientApp process, and one the site refuses need not pay for them.
 
 #: The app's folder: relative ``config`` paths are read from here (the FAB holds ``configs/``).
 APP_DIR = Path(__file__).resolve().parents[2]
@@ -70,11 +68,6 @@ def configuration_args(
     return [*config_args, *(f"--{item}" for item in overrides + role_overrides)]
 
 
-def trainer(cli: HarmoFLCLI) -> FederatedTrainer:
-    """The configuration's trainer: a FederatedTrainer (LightningCLI types it as a Trainer)."""
-    return cast(FederatedTrainer, cli.trainer)
-
-
 # -- the server ---------------------------------------------------------------------------------------------------
 
 server_app = ServerApp()
@@ -82,6 +75,11 @@ server_app = ServerApp()
 
 @server_app.main()
 def run_server(grid: Grid, context: Context) -> None:
+    from harmofl.cli import build
+    from harmofl.flower.executor import FlowerExecutor
+    from harmofl.flower.replies import SiteRoster
+    from harmofl.flower.site_handlers import trainer
+
     run_config = context.run_config
     config_name = Path(str(run_config["config"]).split(",")[-1].strip()).stem
     output_dir = str(run_config.get("output-dir") or Path("runs") / f"{config_name}-flower")
@@ -104,6 +102,7 @@ def run_server(grid: Grid, context: Context) -> None:
         connect_timeout=float(run_config.get("connect-timeout", 300)),
         reply_timeout=reply_timeout if reply_timeout > 0 else None,
         roster=roster,
+        combine_exchanges=str(run_config.get("combined-exchange", True)).lower() not in ("false", "0"),
     )
     # The data module gives only its batch size (each site's local steps): the server sets up no data.
     ckpt_path = resume_from(run_config, trainer(cli).checkpoint_dir)
@@ -135,13 +134,7 @@ def reply_errors(message: Message, context: Context, call_next: Callable[[Messag
     try:
         return call_next(message, context)
     except Exception as error:
-        correlation_id = secrets.token_hex(4)
-        site_log.exception(
-            "The site failed on the server's %s message (correlation id %s).",
-            message.metadata.message_type,
-            correlation_id,
-        )
-        reason = site_policy.error_reason(error, correlation_id)
+        reason = site_policy.logged_error_reason(error, message.metadata.message_type)
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
 
 
@@ -153,74 +146,43 @@ def local_dp(message: Message, context: Context, call_next: Callable[[Message, C
     if settings is None or message.metadata.message_type != "train":
         return call_next(message, context)
     mod = LocalDpMod(settings.clipping_norm, settings.sensitivity, settings.epsilon, settings.delta)
-    return mod(message, context, call_next)
+    without_update: list[Message] = []
+
+    def reply_or_aside(inner: Message, inner_context: Context) -> Message:
+        """A reply without an update (a combined message whose training failed) passes LocalDpMod untouched: it
+        sends no weights to noise, and the mod would turn it into an error that loses the evaluation."""
+        reply = call_next(inner, inner_context)
+        if reply.has_error() or reply.content.array_records:
+            return reply
+        without_update.append(reply)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="no update"), reply_to=inner)
+
+    noised = mod(message, context, reply_or_aside)
+    return without_update[0] if without_update else noised
 
 
 client_app = ClientApp(mods=[reply_errors, local_dp])
 
 
-def open_site(context: Context) -> FlowerSite:
-    """This node's site, built from the run's configuration and the node's config (its state on its disk:
-    :func:`restore_site_state`)."""
-    node_config = context.node_config
-    if "site" not in node_config:
-        raise ValueError("The SuperNode needs its site's name: flower-supernode --node-config \"site='site_0'\".")
-    overrides = ["trainer.devices=1", "trainer.enable_progress_bar=false", "trainer.logger=null"]
-    if node_config.get("data-path"):
-        overrides.append(f"data.init_args.root={node_config['data-path']}")
-    if node_config.get("accelerator"):
-        overrides.append(f"trainer.accelerator={node_config['accelerator']}")
-    cli = build(configuration_args(context.run_config, overrides, node_config))
-    if node_config.get("cache-dir") and hasattr(cli.datamodule, "cache_dir"):  # the demo's and the prostate data's
-        cli.datamodule.cache_dir = Path(str(node_config["cache-dir"])).expanduser()
-    return FlowerSite(trainer(cli), cli.model, cli.datamodule, str(node_config["site"]))
-
-
-def restore_site_state(
-    site: FlowerSite, context: Context, config: ConfigRecord, completed_rounds: int
-) -> site_store.SiteStateStore:
-    """Load ``site``'s state after ``completed_rounds`` rounds of the federation that the message's ``config`` names
-    from the node's ``state-dir`` (nothing before the site first trains); returns the site's store of states."""
-    root = Path(str(context.node_config.get("state-dir") or site_store.DEFAULT_STATE_DIR))
-    federation_id = site_store.check_federation_id(config.get(wire.FEDERATION_ID))
-    states = site_store.SiteStateStore(root, federation_id, site.site)
-    state = states.load(completed_rounds)
-    if state is not None:
-        site.load_site_state(state)
-    return states
-
-
-def keep_site_state(site: FlowerSite, states: site_store.SiteStateStore, round_number: int) -> None:
-    """Save ``site``'s state after it trained in round ``round_number`` (1-based) on its disk."""
-    states.save(round_number, site.site_state())
-
-
 @client_app.query()
 def describe(message: Message, context: Context) -> Message:
-    site = open_site(context)
-    description = ConfigRecord({wire.SITE: site.site, wire.TRAIN_SAMPLES: site.train_samples})
-    return Message(RecordDict({wire.SITE: description}), reply_to=message)
+    configuration_args(context.run_config, [], context.node_config)  # refused before PyTorch is imported
+    from harmofl.flower import site_handlers
+
+    return site_handlers.describe(message, context)
 
 
 @client_app.train()
 def train(message: Message, context: Context) -> Message:
-    site = open_site(context)
-    config = message.content.config_records[wire.CONFIG]
-    round_idx = int(config["round"])  # type: ignore[arg-type]  # an int the server sends
-    states = restore_site_state(site, context, config, completed_rounds=round_idx)
-    states.prune(round_idx)  # what a server at this round can no longer ask for (a retry starts again here too)
-    site.load_server_state(wire.read_blob(message.content, wire.SERVER_STATE))
-    update = site.train(wire.read_weights(message.content), round_idx, int(config["seed"]))  # type: ignore[arg-type]
-    client_states = site.client_states(wire.listed(config, "client-states"))
-    keep_site_state(site, states, round_idx + 1)
-    return Message(wire.train_reply(update.state, update.loss, update.num_steps, client_states), reply_to=message)
+    configuration_args(context.run_config, [], context.node_config)
+    from harmofl.flower import site_handlers
+
+    return site_handlers.train(message, context)
 
 
 @client_app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    site = open_site(context)
-    config = message.content.config_records[wire.CONFIG]
-    restore_site_state(site, context, config, completed_rounds=int(config["round"]) + 1)  # type: ignore[arg-type]
-    site.load_server_state(wire.read_blob(message.content, wire.SERVER_STATE))
-    splits = cast(tuple[Split, ...], tuple(wire.listed(config, "splits")))
-    return Message(wire.evaluate_reply(site.evaluate(wire.read_weights(message.content), splits)), reply_to=message)
+    configuration_args(context.run_config, [], context.node_config)
+    from harmofl.flower import site_handlers
+
+    return site_handlers.evaluate(message, context)

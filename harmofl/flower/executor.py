@@ -5,29 +5,47 @@ aggregation, server optimizer, callbacks' ``on_aggregate``, evaluation, best mod
 where a client trains or evaluates differs: a ``train`` or ``evaluate`` message to the node that holds it
 (:mod:`harmofl.flower.wire` lists what each message carries). Sites are the nodes' ``site`` names, sorted; the
 server holds no data.
+
+One exchange per round: each Flower message costs a fresh ClientApp process at the site (importing PyTorch and
+Lightning) and the runtime's polling, whatever the model. So a round's evaluation carries the next round's training
+to its participants (a ``train`` message with the splits to evaluate first; the other sites get an ``evaluate``
+message in the same exchange), and the replies' updates wait in :class:`PrefetchedTraining` until the trainer asks
+for that round. The trainer's order is unchanged: checkpoint, ``on_round_end``, ``on_round_start`` come between, and
+the instruction the trainer would send then must be the one sent (its fingerprint), else it is sent again.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import MessageType
 from flwr.serverapp import Grid
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from harmofl import validation
 from harmofl.data.base import FederatedDataModule, Split
 from harmofl.federation.executor import Outcome, Results
 from harmofl.federation.failures import ClientFailure
-from harmofl.federation.runner import ClientUpdate, batches_per_epoch, local_step_count
+from harmofl.federation.runner import ClientUpdate, Metrics, batches_per_epoch, local_step_count
 from harmofl.flower import site_store, wire
-from harmofl.flower.replies import RefusedReply, SiteRoster, read_description, read_evaluation_reply, read_train_reply
+from harmofl.flower.exchange import Outgoing, Received, SiteExchange
+from harmofl.flower.replies import RefusedReply, SiteRoster, read_evaluation_reply, read_train_error, read_train_reply
 
 if TYPE_CHECKING:
     from harmofl.trainer import FederatedTrainer
+
+
+@dataclass(frozen=True)
+class PrefetchedTraining:
+    """Round ``round_idx``'s training, sent with the previous round's evaluation: the instruction's
+    :func:`~harmofl.flower.wire.fingerprint` and each participant's reply (or why it failed)."""
+
+    round_idx: int
+    fingerprint: str
+    received: dict[str, Received]
 
 
 class FlowerExecutor:
@@ -40,6 +58,9 @@ class FlowerExecutor:
             answer in time has failed that round.
         roster: the sites the operator expects and their training samples (default: any site, its claim capped).
             Every reply is read through :mod:`harmofl.flower.replies`: a reply it refuses is that site's failure.
+        combine_exchanges: send each round's training with the previous round's evaluation (one exchange per
+            round, plus the last evaluation); False: a ``train`` then an ``evaluate`` exchange per round. The results
+            are the same bitwise.
     """
 
     client_noun = "site"
@@ -51,14 +72,17 @@ class FlowerExecutor:
         connect_timeout: float,
         reply_timeout: float | None,
         roster: SiteRoster | None = None,
+        combine_exchanges: bool = True,
     ) -> None:
         if grid is None:
             raise RuntimeError("FlowerExecutor needs a Flower grid: the ServerApp passes its own (harmofl.flower.app).")
         if num_sites < 1:
             raise ValueError(f"num-sites must be >= 1 (the SuperNodes to wait for), got {num_sites}.")
-        self.grid, self.num_sites = grid, num_sites
-        self.connect_timeout, self.reply_timeout = connect_timeout, reply_timeout
+        self.num_sites, self.connect_timeout = num_sites, connect_timeout
         self.roster = roster or SiteRoster()
+        self.sites = SiteExchange(grid, reply_timeout, self.roster)
+        self.combine_exchanges = combine_exchanges
+        self.prefetched: PrefetchedTraining | None = None
         #: Names the federation in every train and evaluate message: each site keeps its state under it, on its
         #: own disk. New here; a resumed run takes its checkpoint's (:meth:`load_state_dict`).
         self.federation_id = site_store.new_federation_id()
@@ -95,14 +119,14 @@ class FlowerExecutor:
                 "site's local steps): trainer.fit(model, datamodule, executor=...)."
             )
         self._warn_of_trusted_claims(trainer)
-        self.site_nodes, train_samples = self._discover_sites()
+        train_samples = self.sites.discover(self.num_sites, self.connect_timeout)
         epochs, steps = trainer.local_epochs, trainer.local_steps
         #: Each site's local steps per round, from the configuration: the only count the server accepts.
         self.expected_steps = {
             site: local_step_count(batches_per_epoch(samples, datamodule.batch_size), epochs, steps)
             for site, samples in train_samples.items()
         }
-        return {site: train_samples[site] for site in sorted(self.site_nodes)}
+        return {site: train_samples[site] for site in sorted(train_samples)}
 
     def _warn_of_trusted_claims(self, trainer: FederatedTrainer) -> None:
         """Warn of what the run config leaves to the sites' word (their names; their data sizes, where they count)."""
@@ -124,37 +148,29 @@ class FlowerExecutor:
     ) -> Iterator[tuple[str, Outcome]]:
         """Every participant trains at its site, all at once; failed sites are asked again under the failure policy
         (from the same weights and seed)."""
-        trainer = self.trainer
-        requested = [cb.state_key for cb in trainer.federated_callbacks if cb.shares_client_states()]
-        broadcast = self._broadcast(shared)
+        requested = self._requested_states()
+        received = self._take_prefetched(round_idx, participants, shared, requested)
         outcomes: dict[str, Outcome] = {}
         pending, attempt = list(participants), 0
         while pending:
-            instructions = {
-                client: wire.train_instruction(
-                    broadcast,
-                    round_idx,
-                    trainer.federation.client_seed(round_idx, client),
-                    requested,
-                    self.federation_id,
-                )
-                for client in pending
-            }
-            replies = self._exchange_with_sites(instructions, MessageType.TRAIN, group=f"round-{round_idx + 1}")
+            if received is None:
+                broadcast = self._broadcast(shared)
+                outgoing = {client: self._train_message(broadcast, round_idx, client, requested) for client in pending}
+                received = self.sites.send(outgoing)
             for client in pending:
-                outcomes[client] = self._read_update(client, replies.get(client), shared, requested)
+                outcomes[client] = self._read_update(client, received[client], shared, requested)
+            received = None  # a retry is a plain train message
             failed = {c: o.error for c in pending if isinstance(o := outcomes[c], ClientFailure)}
-            policy = trainer.failure_policy
+            policy = self.trainer.failure_policy
             pending = [c for c, error in failed.items() if policy.retry(c, round_idx, attempt, error, self.client_noun)]
             attempt += 1
         for client in participants:
             yield client, outcomes[client]
 
     def _read_update(
-        self, client: str, reply: Message | None, shared: Mapping[str, Tensor], requested: list[str]
+        self, client: str, content: Received, shared: Mapping[str, Tensor], requested: list[str]
     ) -> Outcome:
         """The site's checked update, its callbacks' state loaded into the server's callbacks; or why it failed."""
-        content = self._content_or_error(reply, f"site {client!r}")
         if isinstance(content, str):
             return ClientFailure(content)
         try:
@@ -169,101 +185,120 @@ class FlowerExecutor:
         return ClientUpdate(update, received.loss, self.expected_steps[client])
 
     def evaluate(self, splits: tuple[Split, ...]) -> Results:
-        """Every site evaluates the global model (with its local weights) on ``splits``."""
-        round_number = self.trainer.current_round + 1
-        instruction = wire.evaluate_instruction(
-            self._broadcast(self.trainer.shared_global_state()), splits, self.trainer.current_round, self.federation_id
+        """Every site evaluates the global model (with its local weights) on ``splits``; the next round's
+        participants train in the same message (:attr:`combine_exchanges`), their updates kept for :meth:`train`.
+        A site whose combined message failed as a whole is asked to evaluate alone (its training has failed)."""
+        trainer, round_idx = self.trainer, self.trainer.current_round
+        shared = trainer.shared_global_state()
+        broadcast = self._broadcast(shared)
+        evaluate_alone = Outgoing(
+            wire.evaluate_instruction(broadcast, splits, round_idx, self.federation_id),
+            MessageType.EVALUATE,
+            f"evaluate-{round_idx + 1}",
         )
-        sites = self.trainer.federation.client_names
-        replies = self._exchange_with_sites(
-            dict.fromkeys(sites, instruction), MessageType.EVALUATE, group=f"evaluate-{round_number}"
-        )
+        trainees, requested = self._next_trainees(), self._requested_states()
+        outgoing = {
+            site: self._train_message(broadcast, round_idx + 1, site, requested, splits)
+            if site in trainees
+            else evaluate_alone
+            for site in trainer.federation.client_names
+        }
+        received = self.sites.send(outgoing)
+        trained: dict[str, Received] = {site: received[site] for site in trainees}
+        retried = self.sites.send({site: evaluate_alone for site in trainees if isinstance(trained[site], str)})
+        received.update(retried)
+        results = {
+            site: self._read_evaluation(site, received[site], splits, site in trainees and site not in retried)
+            for site in outgoing
+        }
+        if trainees:
+            trained = {site: self._training_part(site, content) for site, content in trained.items()}
+            fingerprint = self._instruction_fingerprint(round_idx + 1, trainees, shared, requested)
+            self.prefetched = PrefetchedTraining(round_idx + 1, fingerprint, trained)
+        return results
+
+    def _read_evaluation(
+        self, site: str, content: Received, splits: tuple[Split, ...], combined: bool
+    ) -> dict[str, Metrics]:
+        """A site's checked metrics; a site that cannot evaluate stops the run (best.ckpt is chosen on every site's
+        metrics)."""
         metrics = self.trainer.module.stage_metrics  # the server's own model names the metrics a site may report
         expected: dict[str, list[str]] = {
             split: [str(name) for name in metrics(split).keys(keep_base=False)] for split in splits
         }
-        results = {}
-        for client in sites:  # a site that cannot evaluate stops the run: best.ckpt is chosen on every site's metrics
-            content = self._content_or_error(replies.get(client), f"site {client!r}")
-            if isinstance(content, str):
-                problem = content
-            else:
-                try:
-                    results[client] = read_evaluation_reply(content, expected)
-                    continue
-                except RefusedReply as error:
-                    problem = f"the server refuses its reply: {error}"
-            raise RuntimeError(
-                f"Site {client!r} failed to evaluate round {round_number}: {problem}. The checkpoint of the previous "
-                "round is intact."
-            )
-        return results
-
-    # -- messages ------------------------------------------------------------------------------------------------
-
-    def _discover_sites(self) -> tuple[dict[str, int], dict[str, int]]:
-        """``{site: node id}`` and ``{site: training samples}`` of the connected nodes, asked with a query."""
-        deadline = time.monotonic() + self.connect_timeout
-        while len(node_ids := sorted(self.grid.get_node_ids())) < self.num_sites:
-            if time.monotonic() > deadline:
-                absent = f": {self.roster.missing(self._describe(node_ids)[0])} did not" if self.roster.sites else ""
-                raise TimeoutError(
-                    f"{len(node_ids)} of num-sites={self.num_sites} SuperNodes connected within {self.connect_timeout} "
-                    f"s{absent}: start one `flower-supernode` per site (docs/deployment.md), or lower num-sites."
-                )
-            time.sleep(0.5)
-        site_nodes, train_samples = self._describe(node_ids)
-        rank_zero_info(f"Sites: {', '.join(f'{s} (node {n})' for s, n in sorted(site_nodes.items()))}.")
-        return site_nodes, train_samples
-
-    def _describe(self, node_ids: list[int]) -> tuple[dict[str, int], dict[str, int]]:
-        """``{site: node id}`` and ``{site: training samples}`` of ``node_ids``, asked with a query and admitted by
-        the roster."""
-        replies = self._exchange({node: RecordDict() for node in node_ids}, MessageType.QUERY, group="setup")
-        site_nodes: dict[str, int] = {}
-        train_samples: dict[str, int] = {}
-        for node in node_ids:
-            content = self._content_or_error(replies.get(node), f"node {node}")
-            if isinstance(content, str):
-                raise RuntimeError(f"SuperNode {node} could not describe its site: {content}")
+        if isinstance(content, str):
+            problem = content
+        else:
             try:
-                site, claimed = read_description(content)
-                samples = self.roster.admit(site, claimed)
+                record = wire.EVALUATION if combined else wire.METRICS
+                return read_evaluation_reply(content, expected, record, self.trainer.module.unbounded_metrics)
             except RefusedReply as error:
-                raise ValueError(f"SuperNode {node} is refused: {error}.") from error
-            if site in site_nodes:
-                raise ValueError(
-                    f"SuperNodes {site_nodes[site]} and {node} both serve site {site!r}: give each node its own "
-                    "`site` in its --node-config."
-                )
-            site_nodes[site], train_samples[site] = node, samples
-        return site_nodes, train_samples
+                problem = f"the server refuses its reply: {error}"
+        raise RuntimeError(
+            f"Site {site!r} failed to evaluate round {self.trainer.current_round + 1}: {problem}. The checkpoint of "
+            "the previous round is intact."
+        )
+
+    # -- the next round's training, sent with this round's evaluation ---------------------------------------------
+
+    def _next_trainees(self) -> list[str]:
+        """The participants of the round after the current one, if its training goes with this evaluation: not after
+        the last round, nor when a callback changes its state after evaluations (``changes_state_between_rounds``)."""
+        trainer, next_round = self.trainer, self.trainer.current_round + 1
+        changing = any(cb.changes_state_between_rounds for cb in trainer.federated_callbacks)
+        if not self.combine_exchanges or next_round >= trainer.rounds or changing:
+            return []
+        return trainer.federation.participants(next_round)
+
+    def _training_part(self, site: str, content: Received) -> Received:
+        """The training half of a combined reply: the reply itself (read by :meth:`train`), or why it failed."""
+        if isinstance(content, str):
+            return content
+        try:
+            reason = read_train_error(content)
+        except RefusedReply as error:
+            return f"the server refuses the reply of site {site!r}: {error}"
+        return content if reason is None else f"site {site!r} raised {reason}"
+
+    def _take_prefetched(
+        self, round_idx: int, participants: list[str], shared: Mapping[str, Tensor], requested: list[str]
+    ) -> dict[str, Received] | None:
+        """The replies of round ``round_idx``'s training sent with the last evaluation, if that was this very
+        instruction; None otherwise (it is sent now)."""
+        prefetched, self.prefetched = self.prefetched, None
+        if prefetched is None or prefetched.round_idx != round_idx:
+            return None
+        if prefetched.fingerprint != self._instruction_fingerprint(round_idx, participants, shared, requested):
+            rank_zero_warn(
+                f"Round {round_idx + 1}'s training instruction changed after it was sent with round {round_idx}'s "
+                "evaluation (a callback changed the global weights or its state in on_round_end, on_save_checkpoint "
+                "or on_round_start): it is sent again. Declare `changes_state_between_rounds = True` on that callback."
+            )
+            return None
+        return prefetched.received
+
+    def _instruction_fingerprint(
+        self, round_idx: int, participants: list[str], shared: Mapping[str, Tensor], requested: list[str]
+    ) -> str:
+        states = {cb.state_key: cb.state_dict() for cb in self.trainer.federated_callbacks}
+        return wire.fingerprint([round_idx, participants, dict(shared), states, requested, self.federation_id])
+
+    def _requested_states(self) -> list[str]:
+        return [cb.state_key for cb in self.trainer.federated_callbacks if cb.shares_client_states()]
+
+    def _train_message(
+        self,
+        broadcast: Mapping[str, Any],
+        round_idx: int,
+        client: str,
+        requested: list[str],
+        splits: tuple[Split, ...] = (),
+    ) -> Outgoing:
+        seed = self.trainer.federation.client_seed(round_idx, client)
+        content = wire.train_instruction(broadcast, round_idx, seed, requested, self.federation_id, splits)
+        return Outgoing(content, MessageType.TRAIN, f"round-{round_idx + 1}")
 
     def _broadcast(self, shared: Mapping[str, Tensor]) -> dict[str, Any]:
         """``shared`` and the federated callbacks' global state (the shared amplitude target), encoded once."""
         states = {cb.state_key: cb.state_dict() for cb in self.trainer.federated_callbacks}
         return wire.broadcast_records(shared, states)
-
-    def _exchange_with_sites(
-        self, contents: Mapping[str, RecordDict], message_type: str, group: str
-    ) -> dict[str, Message]:
-        by_node = self._exchange(
-            {self.site_nodes[client]: content for client, content in contents.items()}, message_type, group
-        )
-        return {client: by_node[node] for client, node in self.site_nodes.items() if node in by_node}
-
-    def _exchange(self, contents: Mapping[int, RecordDict], message_type: str, group: str) -> dict[int, Message]:
-        """Send each node its content; the replies that arrive within the reply timeout, by node."""
-        messages = [
-            Message(content=content, dst_node_id=node, message_type=message_type, group_id=group)
-            for node, content in contents.items()
-        ]
-        replies = self.grid.send_and_receive(messages, timeout=self.reply_timeout)
-        return {reply.metadata.src_node_id: reply for reply in replies}
-
-    def _content_or_error(self, reply: Message | None, sender: str) -> RecordDict | str:
-        if reply is None:
-            return f"no reply from {sender} within {self.reply_timeout} s"
-        if reply.has_error():
-            return f"{sender} raised {reply.error.reason}"
-        return reply.content

@@ -10,7 +10,9 @@ What the server accepts (:mod:`harmofl.flower.wire` lists the records):
     asked for, a finite loss >= 0 and exactly the local steps the configuration gives the site
     (:func:`~harmofl.federation.runner.local_step_count`);
     ``evaluate``: exactly the requested splits, each with exactly the server model's metrics (``loss`` allowed
-    too), finite, every metric but ``loss`` in [0, 1] (accuracy, AUROC, Dice are fractions; ``loss`` is >= 0).
+    too), finite, every metric but ``loss`` in [0, 1] (accuracy, AUROC, Dice are fractions; ``loss`` is >= 0);
+    a combined ``train`` reply: its ``evaluation`` checked as an ``evaluate`` reply, then either its training part
+    as a ``train`` reply or its ``train-error`` (:func:`read_train_error`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from harmofl.flower import wire
 DEFAULT_MAX_SITE_SAMPLES = 10_000_000
 #: Metrics that are not fractions in [0, 1]: only >= 0.
 UNBOUNDED_METRICS = frozenset({"loss"})
+#: The longest training-error text of a site the server keeps (a site writes the class and a correlation id).
+MAX_REASON_CHARS = 300
 
 
 class RefusedReply(ValueError):
@@ -208,12 +212,19 @@ def read_client_states(content: RecordDict, requested: Sequence[str]) -> dict[st
     return {key: states[key] for key in requested}
 
 
-def read_evaluation_reply(content: RecordDict, expected: Mapping[str, Collection[str]]) -> dict[str, dict[str, float]]:
-    """An ``evaluate`` reply's ``{split: {metric: value}}``, checked: exactly the ``expected`` splits, each with
-    exactly its expected metric names (``loss`` allowed too), every value in range (:func:`check_metric`)."""
-    require_records(content, metrics=[wire.METRICS])
+def read_evaluation_reply(
+    content: RecordDict,
+    expected: Mapping[str, Collection[str]],
+    record: str = wire.METRICS,
+    unbounded: Collection[str] = (),
+) -> dict[str, dict[str, float]]:
+    """An ``evaluate`` reply's ``{split: {metric: value}}`` (``record``: a combined train reply's ``evaluation``),
+    checked: exactly the ``expected`` splits, each with exactly its expected metric names (``loss`` allowed too),
+    every value in range (:func:`check_metric`): in [0, 1] but for ``loss`` and the model's ``unbounded`` metrics
+    (distances such as ``hd95``), which must be >= 0."""
+    require_records(content, metrics=[record])
     with decoding("metrics"):
-        results = wire.read_evaluation(content)
+        results = wire.read_evaluation(content, record)
     if set(results) != set(expected):
         raise RefusedReply(f"it evaluated the splits {sorted(results)}, the server asked for {sorted(expected)}")
     for split, names in expected.items():
@@ -225,8 +236,18 @@ def read_evaluation_reply(content: RecordDict, expected: Mapping[str, Collection
                 f"{unknown}, missing {missing})"
             )
         for name, value in results[split].items():
-            check_metric(f"{split}/{name}", value, bounded=name not in UNBOUNDED_METRICS)
+            check_metric(f"{split}/{name}", value, bounded=name not in UNBOUNDED_METRICS and name not in unbounded)
     return results
+
+
+def read_train_error(content: RecordDict) -> str | None:
+    """Why a combined ``train`` reply's training failed at the site (its ``train-error``), or None: it trained."""
+    if wire.TRAIN_ERROR not in content.config_records:
+        return None
+    reason = content.config_records[wire.TRAIN_ERROR].get("reason")
+    if not isinstance(reason, str):
+        raise RefusedReply(f"its training error is {reason!r}, not a text")
+    return reason[:MAX_REASON_CHARS]
 
 
 def check_metric(name: str, value: Any, bounded: bool = False) -> None:

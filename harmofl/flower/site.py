@@ -3,7 +3,6 @@ this node holds."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,11 +13,8 @@ from harmofl.clients.base import FederatedClient
 from harmofl.data.base import FederatedDataModule, Split
 from harmofl.federation.runner import ClientUpdate, Metrics
 from harmofl.federation.store import ClientEntry, to_host
-from harmofl.flower.site_policy import RefusedRequest
+from harmofl.flower.site_policy import RefusedRequest, site_log
 from harmofl.trainer import FederatedTrainer
-
-#: A site's own log: what it keeps from the server (its errors' details, its data's site names).
-site_log = logging.getLogger("harmofl.flower.site")
 
 
 class FlowerSite:

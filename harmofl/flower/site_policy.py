@@ -24,6 +24,8 @@ training hyperparameters on top. So:
 
 from __future__ import annotations
 
+import logging
+import secrets
 import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -53,6 +55,7 @@ SITE_OVERRIDES = frozenset(
                 "max_update_distance",
                 "update_distance_policy",
                 "precision",
+                "evaluate_every_n_rounds",
             )
         ),
         *(
@@ -87,6 +90,8 @@ SERVER_ONLY_OVERRIDES = frozenset(
     {"trainer.server_optimizer", "trainer.server_optimizer.*", "trainer.aggregator", "trainer.aggregator.*"}
 )
 CONFIG_SUFFIXES = (".yaml", ".yml")
+#: A site's own log: what it keeps from the server (its errors' details, its data's site names).
+site_log = logging.getLogger("harmofl.flower.site")
 
 
 class RefusedRequest(ValueError):
@@ -187,3 +192,11 @@ def error_reason(error: BaseException, correlation_id: str) -> str:
     if isinstance(error, RefusedRequest):
         return f"RefusedRequest: {error} (correlation id {correlation_id})"
     return f"{type(error).__name__} (correlation id {correlation_id}; details in the site's log)"
+
+
+def logged_error_reason(error: Exception, what: str) -> str:
+    """What the server may learn of ``error`` (:func:`error_reason`) while handling its ``what`` message; the
+    traceback goes to the site's log under the reason's correlation id."""
+    correlation_id = secrets.token_hex(4)
+    site_log.exception("The site failed on the server's %s message (correlation id %s).", what, correlation_id)
+    return error_reason(error, correlation_id)

@@ -4,9 +4,10 @@ restarts of its SuperNode (its local weights, optimizer state, module and callba
 
 Files: ``<state-dir>/<federation id>/<site>/round-<N>.pt``, the state after the site trained in round ``N``
 (1-based), written atomically (a temporary file in the same folder, flushed to disk, renamed) and read with
-``weights_only=True``. A server at round ``r`` (``r`` rounds completed, its ``last.ckpt``) can only ask for the
-newest state saved at a round ``<= r``: :meth:`SiteStateStore.prune` deletes the rest, so a site keeps at most two
-files per federation (that one, and the round it is training).
+``weights_only=True``. A server at round ``r`` (``r`` rounds completed, its ``last.ckpt``) can ask for the newest
+state saved at a round ``<= r`` (a resume), and, while it evaluates round ``r + 1`` with the training of round
+``r + 2`` in the same message, for the state of round ``r + 1``: :meth:`SiteStateStore.prune` deletes the rest, so
+a site keeps at most three files per federation (those two, and the round it is training).
 """
 
 from __future__ import annotations
@@ -109,13 +110,17 @@ class SiteStateStore:
         """Keep the site's ``state`` after it trained in round ``round_number`` (1-based), atomically."""
         atomic_torch_save({**self.header(round_number), "state": state}, self.path(round_number))
 
-    def prune(self, completed_rounds: int) -> None:
-        """Delete what a server after ``completed_rounds`` rounds can no longer ask for: states of later rounds (a
-        future the server rolled back), states older than :meth:`base_round`, and the temporary files of writers
-        killed mid-write. Only the site's own training calls it (the folder's one writer)."""
-        base = self.base_round(completed_rounds)
+    def prune(self, completed_rounds: int, newest: int | None = None) -> None:
+        """Delete what a server after ``completed_rounds`` rounds can no longer ask for: states older than
+        :meth:`base_round`, states of rounds after ``newest`` (default ``completed_rounds``: a future the server
+        rolled back; one more round while the server has not checkpointed the round it evaluates), and the temporary
+        files of writers killed mid-write. Only the site's own training calls it (the folder's one writer)."""
+        newest = completed_rounds if newest is None else newest
+        self.base_round(newest)  # refuses a site that holds later states only, before anything is deleted
+        earlier = [round_number for round_number in self.saved_rounds() if round_number <= completed_rounds]
+        oldest = earlier[-1] if earlier else 0
         for round_number in self.saved_rounds():
-            if round_number != base:
+            if not oldest <= round_number <= newest:
                 self.path(round_number).unlink(missing_ok=True)
         for temporary in self.folder.glob(".round-*.pt.tmp.*"):
             temporary.unlink(missing_ok=True)
