@@ -80,15 +80,21 @@ def build(args: list[str], save_config: bool = False) -> HarmoFLCLI:
     """The trainer, client model and data a configuration describes (``args`` as on the command line, without
     a subcommand), instantiated as ``cli.py fit`` would: ``cli.trainer``, ``cli.model``, ``cli.datamodule``;
     ``save_config``: the trainer's ``fit`` writes ``config.yaml`` in its run folder, as ``cli.py fit`` does."""
+    return _parsed(HarmoFLCLI, args, AtomicSaveConfig if save_config else None)
+
+
+def _parsed(
+    cli_class: type[HarmoFLCLI], args: list[str], save_config_callback: type[SaveConfigCallback] | None
+) -> HarmoFLCLI:
     with warnings.catch_warnings():
         # The process's own command line (pytest's, flwr-clientapp's) is not this configuration's: nothing to warn.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         # A bad setting raises (ArgumentError names it) instead of exiting the process: a Flower app reports it.
-        return HarmoFLCLI(
+        return cli_class(
             **_cli_kwargs(),
             args=args,
             run=False,
-            save_config_callback=AtomicSaveConfig if save_config else None,
+            save_config_callback=save_config_callback,
             parser_kwargs={"exit_on_error": False},
         )
 
@@ -107,11 +113,7 @@ def parse_fit_config(args: list[str]) -> tuple[LightningArgumentParser, Namespac
     level = seed_log.level
     seed_log.setLevel(logging.WARNING)  # a check seeds nothing worth announcing (compare checks once per strategy)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-            cli = _ConfigCheckCLI(
-                **_cli_kwargs(), args=args, run=False, save_config_callback=None, parser_kwargs={"exit_on_error": False}
-            )
+        cli = _parsed(_ConfigCheckCLI, args, None)
     finally:
         seed_log.setLevel(level)
     return cli.parser, cli.config

@@ -23,9 +23,9 @@ from rich.progress import Progress
 from torch import Tensor
 
 from harmofl.data.checks import DataError
+from harmofl.data.mri import NIFTI_SUFFIXES
 from harmofl.run_folder import atomic_write_bytes, atomic_write_text
 
-NIFTI_ENDINGS = (".nii", ".nii.gz")
 CSV_NAME = "predictions.csv"
 LOG_EVERY_N_FILES = 100
 
@@ -54,7 +54,7 @@ def list_inputs(source: Path, endings: Sequence[str]) -> tuple[Path, list[Path]]
 
 def mask_name(relative: Path) -> Path:
     """The mask file of input ``relative``: a NIfTI volume keeps its name, an image becomes ``<stem>.png``."""
-    if relative.name.lower().endswith(NIFTI_ENDINGS):
+    if relative.name.lower().endswith(NIFTI_SUFFIXES):
         return relative
     return relative.with_suffix(".png")
 
